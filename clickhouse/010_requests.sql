@@ -1,0 +1,34 @@
+-- One row per gateway request the exporter accepted. Columns carry the record's field names.
+-- ORDER BY (org, token_name, timestamp): the dashboards filter by org, then token, then time.
+-- non_replicated_deduplication_window lets a replayed spool batch (same insert_deduplication_token)
+-- be dropped instead of counted twice; see docs/durability.md.
+CREATE TABLE IF NOT EXISTS ${database}.requests
+(
+    timestamp        DateTime64(3, 'UTC')           COMMENT 'When the gateway received the request (UTC, millisecond precision)',
+    org              LowCardinality(String)         COMMENT 'Organization the API token belongs to',
+    model            LowCardinality(String)         COMMENT 'Model name as requested',
+    endpoint         Enum8('completion' = 1, 'embedding' = 2, 'other' = 3)
+                                                    COMMENT 'Request kind: sent by the gateway or derived from path',
+    status_code      UInt16                         COMMENT 'HTTP status the gateway returned; 0 = unknown (importers only)',
+    path             LowCardinality(String)         COMMENT 'API path, e.g. /v1/chat/completions',
+    method           LowCardinality(String)         COMMENT 'HTTP method',
+    response_time_ms Nullable(Float64)              COMMENT 'Gateway response time in milliseconds; NULL when not reported',
+    input_tokens     UInt32                         COMMENT 'Input (prompt) tokens',
+    output_tokens    UInt32                         COMMENT 'Output (completion) tokens',
+    token_name       LowCardinality(String)         COMMENT 'Name of the API token used',
+    token_owner      LowCardinality(String)         COMMENT 'Email of the token owner; empty for service-account tokens',
+    service_account  LowCardinality(String)         COMMENT 'Service account name, for service-account tokens',
+    team             LowCardinality(String)         COMMENT 'Team that owns the service account',
+    user_id          String                         COMMENT 'End-user id sent by the API caller (any string)',
+    request_id       String                         COMMENT 'Gateway request id; a record repeated with the same id is stored once',
+    ingested_at      DateTime64(3, 'UTC') DEFAULT now64(3) COMMENT 'When the exporter wrote the row',
+    failed           UInt8 ALIAS status_code >= 400 COMMENT '1 when status_code >= 400 (the dashboards'' "failed")',
+    total_tokens     UInt64 ALIAS input_tokens + output_tokens COMMENT 'input_tokens + output_tokens'
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(timestamp)
+ORDER BY (org, token_name, timestamp)
+${retention_ttl}
+SETTINGS non_replicated_deduplication_window = 10000
+COMMENT 'One row per LLM gateway request: who (org, token, user), what (model, endpoint), outcome (status, latency, tokens)';
+

@@ -1,0 +1,15 @@
+-- request_id -> first seen, kept by a materialized view so the writer can drop a repeated record
+-- (a gateway retry) with a primary-key lookup instead of scanning requests.
+CREATE TABLE IF NOT EXISTS ${database}.request_ids
+(
+    request_id String COMMENT 'Gateway request id already stored in requests',
+    timestamp  DateTime64(3, 'UTC') COMMENT 'Timestamp of the stored record'
+)
+ENGINE = ReplacingMergeTree
+ORDER BY request_id
+${retention_ttl}
+SETTINGS non_replicated_deduplication_window = 10000
+COMMENT 'Index of request ids present in requests (used for de-duplication)';
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS ${database}.request_ids_mv TO ${database}.request_ids
+AS SELECT request_id, timestamp FROM ${database}.requests WHERE request_id != '';

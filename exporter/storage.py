@@ -1,0 +1,259 @@
+"""ClickHouse through clickhouse-connect, the same way for embedded chDB and a server.
+
+The only place that builds clients, applies ``clickhouse/*.sql``, and knows the table names.
+``chdb://path`` gives an in-process ClickHouse on disk; ``http(s)://user:pass@host:8123/db`` a
+server. Nothing outside :func:`_client_for` cares which.
+
+Three clients share one store, each with its own connection handle (chDB serialises the queries
+of one handle): the writer's inserts never wait behind a dashboard query, and the ad-hoc SQL
+client carries ``readonly=1`` for its whole life because a per-query ``readonly`` cannot be
+lifted again on a chDB handle.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from .config import Config, ModelEntry
+
+log = logging.getLogger(__name__)
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "clickhouse"
+REQUESTS_TABLE = "requests"
+MODELS_TABLE = "models"
+REQUEST_IDS_TABLE = "request_ids"
+# Tables whose rows expire after clickhouse.retention_days, with the time column the TTL reads.
+RETAINED_TABLES = {REQUESTS_TABLE: "timestamp", REQUEST_IDS_TABLE: "timestamp"}
+# Column order of ``requests`` as the writer sends it (records.Row follows it).
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (ClickHouseError, OSError)
+
+
+_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+[A-Za-z][A-Za-z0-9]*\s*;?\s*$", re.IGNORECASE)
+
+
+class StorageError(Exception):
+    """ClickHouse could not be reached or refused an operation; the message is safe to show."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the store lives, with the password kept out of anything printable."""
+
+    dsn: str
+    database: str
+    embedded: bool
+
+    @property
+    def display(self) -> str:
+        return redact_dsn(self.dsn)
+
+
+def redact_dsn(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def resolve_target(config: Config) -> Target:
+    """The DSN's own database wins for server DSNs (``http://host:8123/dbname``), as the contract says."""
+    dsn = config.clickhouse_dsn
+    if dsn.startswith("chdb://"):
+        return Target(dsn=dsn, database=config.clickhouse.database, embedded=True)
+    parts = urlsplit(dsn)
+    database = unquote(parts.path.strip("/")) or config.clickhouse.database
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", database):
+        raise StorageError(f"the database {database!r} in the ClickHouse DSN is not a plain identifier")
+    return Target(dsn=urlunsplit(parts._replace(path="")), database=database, embedded=False)
+
+
+def _client_for(target: Target, config: Config, settings: Mapping[str, Any] | None = None) -> Client:
+    kwargs: dict[str, Any] = {"dsn": target.dsn, "settings": dict(settings or {})}
+    if not target.embedded:
+        # Sessions would serialise the threads that share this client.
+        kwargs.update(
+            autogenerate_session_id=False,
+            connect_timeout=config.clickhouse.connect_timeout_s,
+            send_receive_timeout=config.clickhouse.query_timeout_s,
+            query_retries=0,
+        )
+    try:
+        return clickhouse_connect.get_client(**kwargs)
+    except STORAGE_ERRORS as exc:
+        raise StorageError(f"cannot connect to ClickHouse at {target.display}: {_first_line(exc)}") from None
+    except Exception as exc:  # chDB raises its own errors for a locked or unreadable directory
+        raise StorageError(f"cannot open ClickHouse at {target.display}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _render(sql: str, database: str, retention_days: int) -> str:
+    ttl = (
+        f"TTL toDateTime(timestamp) + toIntervalDay({retention_days})"
+        if retention_days > 0
+        else ""
+    )
+    return string.Template(sql).substitute(database=database, retention_ttl=ttl)
+
+
+def schema_statements(database: str, retention_days: int, schema_dir: Path = SCHEMA_DIR) -> list[str]:
+    """Every statement of ``clickhouse/*.sql`` in file-name order, ready to run."""
+    statements = []
+    for path in sorted(schema_dir.glob("*.sql")):
+        text = _render(path.read_text(encoding="utf-8"), database, retention_days)
+        for statement in _split_statements(text):
+            statements.append(statement)
+    return statements
+
+
+def _split_statements(text: str) -> Iterable[str]:
+    """Statements end with ';' at the end of a line (a ';' inside a COMMENT string stays)."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
+    for chunk in re.split(r";[ \t]*$", "\n".join(lines), flags=re.MULTILINE):
+        if chunk.strip():
+            yield chunk.strip()
+
+
+class Store:
+    """The store: a writer client, a reader client, and (lazily) a read-only ad-hoc SQL client."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.target = resolve_target(config)
+        self.database = self.target.database
+        self._writer = _client_for(
+            self.target,
+            config,
+            # Rollup tables must drop a replayed block exactly when the raw table does.
+            {"deduplicate_blocks_in_dependent_materialized_views": 1},
+        )
+        self._reader: Client | None = None
+        self._sql: Client | None = None
+
+    @property
+    def reader(self) -> Client:
+        if self._reader is None:
+            self._reader = _client_for(self.target, self.config)
+            self._reader.database = self.database
+        return self._reader
+
+    def migrate(self) -> None:
+        """Apply the schema (idempotent), the retention TTL, and the model catalog."""
+        config = self.config
+        try:
+            for statement in schema_statements(self.database, config.clickhouse.retention_days):
+                self._writer.command(statement)
+            self._apply_retention(config.clickhouse.retention_days)
+            self.sync_models(config.models)
+        except STORAGE_ERRORS as exc:
+            raise StorageError(f"cannot apply the schema to {self.target.display}: {_first_line(exc)}") from None
+        self._writer.database = self.database
+
+    def _apply_retention(self, days: int) -> None:
+        """CREATE IF NOT EXISTS keeps an old TTL, so a changed retention is applied here."""
+        for table, column in RETAINED_TABLES.items():
+            name = f"{self.database}.{table}"
+            create = str(self._writer.command(f"SHOW CREATE TABLE {name}"))
+            has_ttl = "TTL " in create
+            if days > 0 and f"toIntervalDay({days})" not in create:
+                self._writer.command(f"ALTER TABLE {name} MODIFY TTL toDateTime({column}) + toIntervalDay({days})")
+            elif has_ttl:
+                self._writer.command(f"ALTER TABLE {name} REMOVE TTL")
+
+    def sync_models(self, models: Sequence[ModelEntry]) -> None:
+        """Make ``models`` hold exactly the configured catalog."""
+        table = f"{self.database}.{MODELS_TABLE}"
+        names = [m.name for m in models]
+        current = {
+            (row[0], row[1])
+            for row in self._writer.query(f"SELECT model, endpoint FROM {table}").result_rows
+        }
+        wanted = {(m.name, m.endpoint) for m in models}
+        if current == wanted:
+            return
+        stale = [name for name, _ in current - wanted]
+        if stale:
+            self._writer.command(
+                f"DELETE FROM {table} WHERE model IN {{stale:Array(String)}}",
+                parameters={"stale": stale},
+            )
+        missing = sorted(wanted - current)
+        if missing:
+            self._writer.insert(table, [list(pair) for pair in missing], column_names=["model", "endpoint"])
+        log.info("model catalog holds %d models", len(names))
+
+    def insert_rows(self, payload: bytes, dedup_token: str) -> None:
+        """Insert ``JSONEachRow`` lines into ``requests``; a repeated token is dropped by ClickHouse."""
+        self._writer.raw_insert(
+            f"{self.database}.{REQUESTS_TABLE}",
+            None,
+            payload,
+            fmt="JSONEachRow",
+            settings={"insert_deduplication_token": dedup_token},
+        )
+
+    def existing_request_ids(self, request_ids: Sequence[str]) -> set[str]:
+        if not request_ids:
+            return set()
+        result = self._writer.query(
+            f"SELECT DISTINCT request_id FROM {self.database}.{REQUEST_IDS_TABLE} "
+            "WHERE request_id IN {ids:Array(String)}",
+            parameters={"ids": list(request_ids)},
+        )
+        return {row[0] for row in result.result_rows}
+
+    def query(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        return self.reader.query(sql, parameters=dict(parameters or {})).result_rows
+
+    def ping(self) -> str | None:
+        """None when ClickHouse answers, else why not."""
+        try:
+            self.reader.command("SELECT 1")
+            return None
+        except STORAGE_ERRORS as exc:
+            return f"ClickHouse at {self.target.display} does not answer: {_first_line(exc)}"
+
+    def adhoc_sql(self, sql: str, fmt: str) -> bytes:
+        """Run an engineer's query read-only, within the configured time and size limits."""
+        if self._sql is None:
+            limits = self.config.sql
+            self._sql = _client_for(
+                self.target,
+                self.config,
+                {
+                    "max_execution_time": limits.max_execution_time_s,
+                    "max_result_rows": limits.max_result_rows,
+                    "max_result_bytes": limits.max_result_bytes,
+                    "result_overflow_mode": "throw",
+                    # Last: once set, no further setting can change, including itself.
+                    "readonly": 1,
+                },
+            )
+            self._sql.database = self.database
+        # A query that names its own FORMAT keeps it; appending a second one is a syntax error.
+        own_format = _TRAILING_FORMAT.search(sql)
+        return self._sql.raw_query(sql.rstrip().rstrip(";") if own_format else sql, fmt=None if own_format else fmt)
+
+    def close(self) -> None:
+        for client in (self._sql, self._reader, self._writer):
+            if client is not None:
+                try:
+                    client.close()
+                except STORAGE_ERRORS:
+                    pass

@@ -1,0 +1,7 @@
+"""HTTP blueprints, one per concern; the factory registers every entry of BLUEPRINTS."""
+
+from .ingest import bp as ingest_bp
+from .ops import bp as ops_bp
+from .sql import bp as sql_bp
+
+BLUEPRINTS = [ingest_bp, ops_bp, sql_bp]

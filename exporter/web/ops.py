@@ -1,0 +1,53 @@
+"""Operations: /metrics, /healthz, /readyz."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from prometheus_client.exposition import choose_encoder
+
+from ..app import runtime
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/metrics")
+def metrics():
+    rt = runtime(current_app)
+    encoder, content_type = choose_encoder(request.headers.get("Accept"))
+    return Response(encoder(rt.metrics.registry), content_type=content_type)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz():
+    rt = runtime(current_app)
+    problems = []
+    if rt.draining:
+        problems.append("the exporter is shutting down")
+    store_problem = rt.store.ping()
+    if store_problem:
+        problems.append(store_problem)
+    spool = rt.spool
+    if spool.pending_bytes >= spool.max_bytes * 0.9:
+        problems.append(f"the durable buffer is {spool.pending_bytes} of {spool.max_bytes} bytes full")
+    if not rt.writer.alive and not rt.draining:
+        problems.append("the writer thread is not running")
+    status = rt.writer.status
+    body = {
+        "status": "ready" if not problems else "not ready",
+        "problems": problems,
+        "spool": {"records": spool.pending_rows, "bytes": spool.pending_bytes, "oldest_age_s": round(spool.oldest_age(), 3)},
+        "writer": {
+            "last_error": status.last_error,
+            "last_error_at": status.last_error_at,
+            "last_success_at": status.last_success_at,
+            "consecutive_failures": status.consecutive_failures,
+        },
+    }
+    if problems:
+        body["error"] = "Not ready: " + "; ".join(problems) + "."
+    return jsonify(body), (200 if not problems else 503)
