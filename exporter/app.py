@@ -14,7 +14,7 @@ from .access import ViewerDirectory
 from .config import Config
 from .metrics import Metrics
 from .spool import Spool
-from .storage import Store
+from .storage import StorageError, Store
 from .writer import Writer
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,13 @@ def create_app(config: Config, *, start_writer: bool = True, store: Store | None
     app.json.sort_keys = False
 
     store = store or Store(config)
-    store.migrate()
+    try:
+        store.migrate()
+    except StorageError as exc:
+        if store.target.embedded:
+            raise
+        # The spool takes records while the server is away; the writer migrates before its first insert.
+        log.warning("%s; accepting records into the spool and retrying", exc)
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(registry, token_name_label=config.metrics.token_name_label)
     spool = Spool(config.spool_dir, config.spool.max_bytes, config.spool.segment_bytes, fsync=config.spool.fsync == "always")

@@ -13,6 +13,7 @@ lifted again on a chDB handle.
 from __future__ import annotations
 
 import logging
+import threading
 import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
@@ -137,44 +138,63 @@ class Store:
         self.config = config
         self.target = resolve_target(config)
         self.database = self.target.database
-        self._writer = _client_for(
-            self.target,
-            config,
-            # Rollup tables must drop a replayed block exactly when the raw table does.
-            {"deduplicate_blocks_in_dependent_materialized_views": 1},
-        )
+        # Clients are built on first use: a ClickHouse server that is down at start-up must not
+        # keep the exporter from accepting records into its spool.
+        self._writer: Client | None = None
         self._reader: Client | None = None
         self._sql: Client | None = None
+        self._lock = threading.Lock()
+        self.migrated = False
+
+    @property
+    def writer(self) -> Client:
+        with self._lock:
+            if self._writer is None:
+                self._writer = _client_for(
+                    self.target,
+                    self.config,
+                    # Rollup tables must drop a replayed block exactly when the raw table does.
+                    {"deduplicate_blocks_in_dependent_materialized_views": 1},
+                )
+            return self._writer
 
     @property
     def reader(self) -> Client:
-        if self._reader is None:
-            self._reader = _client_for(self.target, self.config)
-            self._reader.database = self.database
-        return self._reader
+        with self._lock:
+            if self._reader is None:
+                client = _client_for(self.target, self.config)
+                client.database = self.database
+                self._reader = client
+            return self._reader
 
     def migrate(self) -> None:
         """Apply the schema (idempotent), the retention TTL, and the model catalog."""
         config = self.config
+        writer = self.writer
         try:
             for statement in schema_statements(self.database, config.clickhouse.retention_days):
-                self._writer.command(statement)
+                writer.command(statement)
             self._apply_retention(config.clickhouse.retention_days)
             self.sync_models(config.models)
         except STORAGE_ERRORS as exc:
             raise StorageError(f"cannot apply the schema to {self.target.display}: {_first_line(exc)}") from None
-        self._writer.database = self.database
+        writer.database = self.database
+        self.migrated = True
+
+    def ensure_migrated(self) -> None:
+        if not self.migrated:
+            self.migrate()
 
     def _apply_retention(self, days: int) -> None:
         """CREATE IF NOT EXISTS keeps an old TTL, so a changed retention is applied here."""
         for table, column in RETAINED_TABLES.items():
             name = f"{self.database}.{table}"
-            create = str(self._writer.command(f"SHOW CREATE TABLE {name}"))
+            create = str(self.writer.command(f"SHOW CREATE TABLE {name}"))
             has_ttl = "TTL " in create
             if days > 0 and f"toIntervalDay({days})" not in create:
-                self._writer.command(f"ALTER TABLE {name} MODIFY TTL toDateTime({column}) + toIntervalDay({days})")
+                self.writer.command(f"ALTER TABLE {name} MODIFY TTL toDateTime({column}) + toIntervalDay({days})")
             elif has_ttl:
-                self._writer.command(f"ALTER TABLE {name} REMOVE TTL")
+                self.writer.command(f"ALTER TABLE {name} REMOVE TTL")
 
     def sync_models(self, models: Sequence[ModelEntry]) -> None:
         """Make ``models`` hold exactly the configured catalog."""
@@ -182,25 +202,25 @@ class Store:
         names = [m.name for m in models]
         current = {
             (row[0], row[1])
-            for row in self._writer.query(f"SELECT model, endpoint FROM {table}").result_rows
+            for row in self.writer.query(f"SELECT model, endpoint FROM {table}").result_rows
         }
         wanted = {(m.name, m.endpoint) for m in models}
         if current == wanted:
             return
         stale = [name for name, _ in current - wanted]
         if stale:
-            self._writer.command(
+            self.writer.command(
                 f"DELETE FROM {table} WHERE model IN {{stale:Array(String)}}",
                 parameters={"stale": stale},
             )
         missing = sorted(wanted - current)
         if missing:
-            self._writer.insert(table, [list(pair) for pair in missing], column_names=["model", "endpoint"])
+            self.writer.insert(table, [list(pair) for pair in missing], column_names=["model", "endpoint"])
         log.info("model catalog holds %d models", len(names))
 
     def insert_rows(self, payload: bytes, dedup_token: str) -> None:
         """Insert ``JSONEachRow`` lines into ``requests``; a repeated token is dropped by ClickHouse."""
-        self._writer.raw_insert(
+        self.writer.raw_insert(
             f"{self.database}.{REQUESTS_TABLE}",
             None,
             payload,
@@ -211,7 +231,7 @@ class Store:
     def existing_request_ids(self, request_ids: Sequence[str]) -> set[str]:
         if not request_ids:
             return set()
-        result = self._writer.query(
+        result = self.writer.query(
             f"SELECT DISTINCT request_id FROM {self.database}.{REQUEST_IDS_TABLE} "
             "WHERE request_id IN {ids:Array(String)}",
             parameters={"ids": list(request_ids)},
@@ -226,11 +246,22 @@ class Store:
         try:
             self.reader.command("SELECT 1")
             return None
+        except StorageError as exc:
+            return str(exc)
         except STORAGE_ERRORS as exc:
             return f"ClickHouse at {self.target.display} does not answer: {_first_line(exc)}"
 
     def adhoc_sql(self, sql: str, fmt: str) -> bytes:
         """Run an engineer's query read-only, within the configured time and size limits."""
+        self.ensure_migrated()
+        with self._lock:
+            self._build_sql_client()
+        # A query that names its own FORMAT keeps it; appending a second one is a syntax error.
+        own_format = _TRAILING_FORMAT.search(sql)
+        assert self._sql is not None
+        return self._sql.raw_query(sql.rstrip().rstrip(";") if own_format else sql, fmt=None if own_format else fmt)
+
+    def _build_sql_client(self) -> None:
         if self._sql is None:
             limits = self.config.sql
             self._sql = _client_for(
@@ -246,9 +277,6 @@ class Store:
                 },
             )
             self._sql.database = self.database
-        # A query that names its own FORMAT keeps it; appending a second one is a syntax error.
-        own_format = _TRAILING_FORMAT.search(sql)
-        return self._sql.raw_query(sql.rstrip().rstrip(";") if own_format else sql, fmt=None if own_format else fmt)
 
     def close(self) -> None:
         for client in (self._sql, self._reader, self._writer):
