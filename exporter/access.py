@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .config import ViewerKey
@@ -34,11 +34,22 @@ def bearer_token(authorization: str | None) -> str | None:
 def token_matches(presented: str, allowed_digests: Sequence[bytes]) -> int | None:
     """Index of the digest ``presented`` hashes to, checking every entry so timing reveals nothing."""
     digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
+    return digest_matches(digest, allowed_digests)
+
+
+def digest_matches(digest: bytes, allowed_digests: Sequence[bytes]) -> int | None:
+    """Index of ``digest`` among ``allowed_digests``, in constant time like :func:`token_matches`."""
     found = None
     for index, allowed in enumerate(allowed_digests):
         if hmac.compare_digest(digest, allowed) and found is None:
             found = index
     return found
+
+
+# The field of the page's login session (a signed cookie) that holds the SHA-256 hex of the viewer
+# key: the key itself never leaves the login request, and removing a key from the config ends its
+# sessions at the next start.
+SESSION_FIELD = "viewer_key_sha256"
 
 
 class ViewerDirectory:
@@ -60,7 +71,34 @@ class ViewerDirectory:
         if token is None:
             return None
         index = token_matches(token, self._digests)
-        if index is None:
+        return None if index is None else self._viewer(index)
+
+    def authenticate_request(self, authorization: str | None, session: Mapping[str, object]) -> Viewer | None:
+        """The viewer of an HTTP request: its Bearer header when it sends one, else the page's login
+        session (``flask.session``), so the page's own fetches need no header."""
+        if self.open or authorization:
+            return self.authenticate(authorization)
+        return self.authenticate_digest(session.get(SESSION_FIELD))
+
+    def authenticate_digest(self, hexdigest: object) -> Viewer | None:
+        """The viewer whose key hashes to ``hexdigest`` (as stored by :func:`session_value`)."""
+        if self.open:
+            return Viewer(role="admin")
+        if not isinstance(hexdigest, str):
             return None
+        try:
+            digest = bytes.fromhex(hexdigest)
+        except ValueError:
+            return None
+        index = digest_matches(digest, self._digests)
+        return None if index is None else self._viewer(index)
+
+    def session_value(self, key: str) -> str | None:
+        """What the login session stores for a valid ``key`` (its SHA-256 hex), ``None`` for a wrong one."""
+        if token_matches(key, self._digests) is None:
+            return None
+        return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def _viewer(self, index: int) -> Viewer:
         key = self._keys[index]
         return Viewer(role=key.role, org=key.org, email=key.email, teams=tuple(key.teams))

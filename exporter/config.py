@@ -99,6 +99,17 @@ class MetricsConfig(_Section):
     max_series: Annotated[int, msgspec.Meta(gt=0)] = 10_000
 
 
+class PageConfig(_Section):
+    """The built-in Usage page at ``/`` and its login session (used only when viewer keys are set)."""
+
+    # Signs the session cookie. Unset: a random secret per process, so logins end at a restart; set it
+    # when several workers serve one exporter, or each would reject the others' cookies.
+    session_secret: str | None = None
+    session_hours: Annotated[float, msgspec.Meta(gt=0)] = 12.0
+    # Send the cookie over HTTPS only; turn on when a TLS proxy fronts the exporter.
+    secure_cookie: bool = False
+
+
 class Config(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -112,6 +123,7 @@ class Config(_Section):
     sql: SqlConfig = SqlConfig()
     viewers: list[ViewerKey] = []
     metrics: MetricsConfig = MetricsConfig()
+    page: PageConfig = PageConfig()
     threads: Annotated[int, msgspec.Meta(gt=0)] = 16
     shutdown_grace_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -160,7 +172,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             except yaml.YAMLError:
                 value = raw
             # A DSN or key that YAML reads as a number or date must stay the string it was.
-            field_is_str = path[-1] in {"dsn", "database", "host", "data_dir", "timezone", "dir"}
+            field_is_str = path[-1] in {"dsn", "database", "host", "data_dir", "timezone", "dir", "session_secret"}
             _set_path(tree, path, raw if field_is_str else value)
     return tree
 
@@ -223,6 +235,8 @@ def _check(config: Config) -> list[str]:
         problems.append("writer.retry_max_s must not be below writer.retry_initial_s")
     if any(not token for token in config.ingest.tokens):
         problems.append("ingest.tokens must not contain an empty token")
+    if config.page.session_secret is not None and len(config.page.session_secret) < 16:
+        problems.append("page.session_secret must be at least 16 characters")
     return problems
 
 
