@@ -242,7 +242,6 @@ def _sql_direct(config: Config, query: str, fmt: str) -> bytes:
 
     store = Store(config)
     try:
-        store.migrate()
         return store.adhoc_sql(query, fmt)
     except ClickHouseError as exc:
         from .web.sql import _explain

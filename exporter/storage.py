@@ -253,7 +253,6 @@ class Store:
 
     def adhoc_sql(self, sql: str, fmt: str) -> bytes:
         """Run an engineer's query read-only, within the configured time and size limits."""
-        self.ensure_migrated()
         with self._lock:
             self._build_sql_client()
         # A query that names its own FORMAT keeps it; appending a second one is a syntax error.
