@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--key", help="viewer key with the admin role, when viewer keys are configured")
     sql.add_argument("--host", help=argparse.SUPPRESS)
     sql.add_argument("--port", type=int, help=argparse.SUPPRESS)
+
+    from .integrations import aqueduct as _aqueduct  # the importer's flags live next to the importer
+
+    importer = commands.add_parser("import", help="import request logs from a gateway's own database")
+    _aqueduct.add_parser(importer.add_subparsers(dest="source", required=True, parser_class=_Parser), _storage_options)
     return parser
 
 
@@ -85,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _config_from(args)
         _configure_logging(config)
-        handler = {"serve": cmd_serve, "migrate": cmd_migrate, "demo": cmd_demo, "sql": cmd_sql}[args.command]
+        handler = {"serve": cmd_serve, "migrate": cmd_migrate, "demo": cmd_demo, "sql": cmd_sql, "import": cmd_import}[args.command]
         return handler(config, args)
     except (ConfigError, CommandError) as exc:
         print(f"usage-exporter: {exc}", file=sys.stderr)
@@ -99,6 +104,16 @@ def _storage_error_types() -> tuple[type[BaseException], ...]:
     from .storage import StorageError
 
     return (StorageError,)
+
+
+def cmd_import(config: Config, args: argparse.Namespace) -> int:
+    from .integrations.aqueduct import ImportFailed, run_command
+
+    try:
+        return run_command(config, args)
+    except ImportFailed as exc:  # a runtime failure (database away, store locked): exit 1, not 2
+        print(f"usage-exporter: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_migrate(config: Config, args: argparse.Namespace) -> int:

@@ -110,6 +110,19 @@ class PageConfig(_Section):
     secure_cookie: bool = False
 
 
+class AqueductConfig(_Section):
+    """The Aqueduct importer (``usage-exporter import aqueduct``)."""
+
+    # libpq DSN of Aqueduct's database; libpq's PG* variables and ~/.pgpass also apply.
+    postgres_dsn: str | None = None
+    # Aqueduct writes a request's row when the request starts and fills in status, latency and tokens
+    # when it ends (a stream: when the stream ends). Rows younger than this wait for the next poll;
+    # twice Aqueduct's default relay timeout (60 s).
+    settle_s: Annotated[float, msgspec.Meta(ge=0)] = 120.0
+    poll_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    batch_rows: Annotated[int, msgspec.Meta(gt=0, le=1_000_000)] = 50_000
+
+
 class Config(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -124,6 +137,7 @@ class Config(_Section):
     viewers: list[ViewerKey] = []
     metrics: MetricsConfig = MetricsConfig()
     page: PageConfig = PageConfig()
+    aqueduct: AqueductConfig = AqueductConfig()
     threads: Annotated[int, msgspec.Meta(gt=0)] = 16
     shutdown_grace_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
