@@ -46,7 +46,9 @@ def runtime(app: Flask) -> Runtime:
     return app.extensions["usage_exporter"]
 
 
-def create_app(config: Config, *, start_writer: bool = True, store: Store | None = None) -> Flask:
+def create_app(
+    config: Config, *, start_writer: bool = True, store: Store | None = None, metrics: Metrics | None = None
+) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.ingest.max_body_bytes
     app.json.sort_keys = False
@@ -59,10 +61,14 @@ def create_app(config: Config, *, start_writer: bool = True, store: Store | None
             raise
         # The spool takes records while the server is away; the writer migrates before its first insert.
         log.warning("%s; accepting records into the spool and retrying", exc)
-    registry = CollectorRegistry(auto_describe=True)
-    metrics = Metrics(registry, token_name_label=config.metrics.token_name_label)
+    # A multi-worker server passes Metrics in multiprocess mode (exporter.wsgi).
+    metrics = metrics or Metrics(
+        CollectorRegistry(auto_describe=True),
+        token_name_label=config.metrics.token_name_label,
+        max_series=config.metrics.max_series,
+    )
     spool = Spool(config.spool_dir, config.spool.max_bytes, config.spool.segment_bytes, fsync=config.spool.fsync == "always")
-    metrics.register_spool_gauges(lambda: (spool.pending_rows, spool.pending_bytes, spool.oldest_age()))
+    metrics.register_spool_gauges(lambda: (spool.pending_rows, spool.pending_bytes, spool.oldest_age()), config.spool.max_bytes)
     writer = Writer(
         spool,
         store,

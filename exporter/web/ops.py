@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from prometheus_client.exposition import choose_encoder
 
 from ..app import runtime
 
@@ -12,9 +11,8 @@ bp = Blueprint("ops", __name__)
 
 @bp.get("/metrics")
 def metrics():
-    rt = runtime(current_app)
-    encoder, content_type = choose_encoder(request.headers.get("Accept"))
-    return Response(encoder(rt.metrics.registry), content_type=content_type)
+    body, content_type = runtime(current_app).metrics.render(request.headers.get("Accept"))
+    return Response(body, content_type=content_type)
 
 
 @bp.get("/healthz")
