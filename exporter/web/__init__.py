@@ -2,6 +2,7 @@
 
 from .ingest import bp as ingest_bp
 from .ops import bp as ops_bp
+from .page import bp as page_bp
 from .sql import bp as sql_bp
 
-BLUEPRINTS = [ingest_bp, ops_bp, sql_bp]
+BLUEPRINTS = [ingest_bp, ops_bp, sql_bp, page_bp]
