@@ -102,3 +102,48 @@ class ViewerDirectory:
     def _viewer(self, index: int) -> Viewer:
         key = self._keys[index]
         return Viewer(role=key.role, org=key.org, email=key.email, teams=tuple(key.teams))
+
+
+# --- who may see which usage numbers ----------------------------------------------------------
+
+
+class AccessDenied(Exception):
+    """The caller may not see what it asked for; ``status`` is 401 (no valid key) or 403."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class UsageScope:
+    """What a viewer sees of ``GET /api/v1/usage``: an org (``None`` for all) and, for user keys,
+    the record filter (records whose token owner or user id is ``email``, or whose team is in ``teams``)."""
+
+    org: str | None
+    email: str | None = None
+    teams: tuple[str, ...] = ()
+
+
+ALL_ORGS = "all"
+UNAUTHENTICATED = "A valid viewer key is required: send Authorization: Bearer <key>."
+
+
+def usage_scope(viewer: Viewer | None, requested_org: str | None) -> UsageScope:
+    """Resolve the ``org`` query parameter (``None`` when absent) against the viewer's key.
+
+    A global admin may ask for any org or ``all`` (the default). Org and user keys are pinned to
+    their org: no ``org`` means that org, any other value (``all`` included) is refused.
+    """
+    if viewer is None:
+        raise AccessDenied(401, UNAUTHENTICATED)
+    if viewer.is_admin:
+        return UsageScope(org=None if requested_org in (None, ALL_ORGS) else requested_org)
+    if viewer.role not in ("org", "user") or not viewer.org:
+        raise AccessDenied(403, "This key does not grant access to usage numbers.")
+    if requested_org is not None and requested_org != viewer.org:
+        raise AccessDenied(403, "This key may only see its own organization.")
+    if viewer.role == "user":
+        return UsageScope(org=viewer.org, email=viewer.email or "", teams=tuple(t for t in viewer.teams if t))
+    return UsageScope(org=viewer.org)

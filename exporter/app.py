@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flask import Flask, jsonify
@@ -47,9 +49,16 @@ def runtime(app: Flask) -> Runtime:
 
 
 def create_app(
-    config: Config, *, start_writer: bool = True, store: Store | None = None, metrics: Metrics | None = None
+    config: Config,
+    *,
+    start_writer: bool = True,
+    store: Store | None = None,
+    metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Flask:
     app = Flask(__name__)
+    # "Now" for the usage API's windows (epoch seconds); tests pass a fixed clock.
+    app.extensions["clock"] = clock
     app.config["MAX_CONTENT_LENGTH"] = config.ingest.max_body_bytes
     app.json.sort_keys = False
 

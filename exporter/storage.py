@@ -35,7 +35,14 @@ REQUESTS_TABLE = "requests"
 MODELS_TABLE = "models"
 REQUEST_IDS_TABLE = "request_ids"
 # Tables whose rows expire after clickhouse.retention_days, with the time column the TTL reads.
-RETAINED_TABLES = {REQUESTS_TABLE: "timestamp", REQUEST_IDS_TABLE: "timestamp"}
+RETAINED_TABLES = {
+    REQUESTS_TABLE: "timestamp",
+    REQUEST_IDS_TABLE: "timestamp",
+    # The usage rollups (clickhouse/040_usage_rollups.sql) expire with the rows they summarise.
+    "usage_by_org_1m": "minute",
+    "usage_by_token_1m": "minute",
+    "usage_by_user_1m": "minute",
+}
 # Column order of ``requests`` as the writer sends it (records.Row follows it).
 STORAGE_ERRORS: tuple[type[BaseException], ...] = (ClickHouseError, OSError)
 
@@ -193,7 +200,7 @@ class Store:
             has_ttl = "TTL " in create
             if days > 0 and f"toIntervalDay({days})" not in create:
                 self.writer.command(f"ALTER TABLE {name} MODIFY TTL toDateTime({column}) + toIntervalDay({days})")
-            elif has_ttl:
+            elif days <= 0 and has_ttl:  # a TTL already at the configured days stays
                 self.writer.command(f"ALTER TABLE {name} REMOVE TTL")
 
     def sync_models(self, models: Sequence[ModelEntry]) -> None:
