@@ -43,7 +43,7 @@ def test_without_viewer_keys_the_page_opens_with_no_login(make_app):
     html = page.get_data(as_text=True)
     assert page.status_code == 200
     assert 'id="org-select"' in html and 'data-role="admin"' in html
-    assert "Viewer key" not in html and "Log out" not in html
+    assert "Viewer key" not in html and "Log out" not in html and "open to everyone" in html
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'; script-src 'self'")
     assert page.headers["Cache-Control"] == "no-store"
     # Everything the page loads is served by the exporter itself.
