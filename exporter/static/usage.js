@@ -253,9 +253,10 @@
   function render(body) {
     shown = body;
     renderMetrics(body.metrics);
-    renderTimeseries(body.timeseries || [], body.scope.timeframe, body.metrics.total_requests);
     renderTop(body.top || [], body.scope.top_kind, body.metrics.total_requests);
     renderModels(body.models || [], body.metrics.total_requests);
+    // Last: the table's new width decides how wide the chart's column is.
+    renderTimeseries(body.timeseries || [], body.scope.timeframe, body.metrics.total_requests);
   }
 
   function renderBreadcrumb() {
