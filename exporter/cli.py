@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--host", help=argparse.SUPPRESS)
     sql.add_argument("--port", type=int, help=argparse.SUPPRESS)
 
+    tenant = commands.add_parser(
+        "grafana-tenant-sql", help="print the ClickHouse SQL for one organization's read-only Grafana user (docs/grafana.md)"
+    )
+    _storage_options(tenant)
+    tenant.add_argument("--org", required=True, help="the organization whose rows the user may read")
+    tenant.add_argument("--user", help="ClickHouse user name (default grafana_<org>)")
+    tenant.add_argument("--password", help="the user's password (default: a random one, printed in a comment)")
+
     from .integrations import aqueduct as _aqueduct  # the importer's flags live next to the importer
 
     importer = commands.add_parser("import", help="import request logs from a gateway's own database")
@@ -90,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _config_from(args)
         _configure_logging(config)
-        handler = {"serve": cmd_serve, "migrate": cmd_migrate, "demo": cmd_demo, "sql": cmd_sql, "import": cmd_import}[args.command]
+        handler = {"serve": cmd_serve, "migrate": cmd_migrate, "demo": cmd_demo, "sql": cmd_sql, "import": cmd_import,
+                   "grafana-tenant-sql": cmd_grafana_tenant_sql}[args.command]
         return handler(config, args)
     except (ConfigError, CommandError) as exc:
         print(f"usage-exporter: {exc}", file=sys.stderr)
@@ -114,6 +123,23 @@ def cmd_import(config: Config, args: argparse.Namespace) -> int:
     except ImportFailed as exc:  # a runtime failure (database away, store locked): exit 1, not 2
         print(f"usage-exporter: {exc}", file=sys.stderr)
         return 1
+
+
+def cmd_grafana_tenant_sql(config: Config, args: argparse.Namespace) -> int:
+    """Print (never run) the SQL: an administrator reviews it and runs it with their own login."""
+    from .storage import resolve_target
+    from .tenants import render
+
+    if not args.org:
+        raise CommandError("--org must name an organization")
+    if args.password is not None and not args.password:
+        raise CommandError("--password must not be empty")
+    try:
+        script = render(resolve_target(config).database, args.org, args.user, args.password)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    sys.stdout.write(script)
+    return 0
 
 
 def cmd_migrate(config: Config, args: argparse.Namespace) -> int:

@@ -83,6 +83,9 @@ def tenant_sql(
     tables = tables or tenant_tables()
     user = user or default_user(org)
     password = password if password is not None else secrets.token_urlsafe(18)
+    # Both also appear in the script's comment lines, where a line break would end the comment.
+    if any(ord(ch) < 32 for ch in user + password):
+        raise ValueError("the user name and password must not contain control characters such as line breaks")
     role = quote_identifier(f"{database}_tenant")
     db = quote_identifier(database)
     everyone_else = quote_identifier(f"{database}_all_rows")
@@ -115,7 +118,7 @@ def render(database: str, org: str, user: str | None = None, password: str | Non
     statements, password_used = tenant_sql(database, org, user, password)
     user = user or default_user(org)
     header = [
-        f"-- Read-only ClickHouse user {user!s} for organization {org!r} (database {database}).",
+        f"-- Read-only ClickHouse user {user} for organization {org!r} (database {database}).",
         "-- Run as a ClickHouse user with access management, e.g. clickhouse-client --multiquery < this.sql",
         f"-- Grafana datasource for this organization: username {user}, password {password_used}",
     ]
