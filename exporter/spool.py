@@ -4,7 +4,7 @@ Layout of one spool slot (a process owns a slot through an exclusive ``flock``):
 
     slot-0/lock                 held while a process owns the slot
     slot-0/id                   random id, part of every de-duplication token
-    slot-0/checkpoint           JSON: the position flushed to ClickHouse, and the batch in flight
+    slot-0/checkpoint           the position flushed to ClickHouse and the batch in flight (A/B slots)
     slot-0/seg-000000000001.log frames: <length u32><crc32 u32><JSONEachRow lines>
 
 Request threads append one frame per request and then wait for a group fsync: while one thread
@@ -78,6 +78,50 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+class Checkpoint:
+    """Two fixed 512-byte slots, written alternately in place and never grown.
+
+    Writing in place means a full disk can never stop the flusher from recording progress (a
+    temp file and rename would need a new block), and the alternation with a sequence number
+    and CRC means a torn write loses at most the newest record, never both.
+    """
+
+    SLOT = 512
+    _HEAD = struct.Struct("<QII")  # sequence, length, crc32
+
+    def __init__(self, path: Path) -> None:
+        fresh = not path.exists()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if fresh or os.fstat(self._fd).st_size < 2 * self.SLOT:
+            os.pwrite(self._fd, bytes(2 * self.SLOT), 0)
+            os.fsync(self._fd)
+            _fsync_dir(path.parent)
+        self._sequence, self.data = self._load()
+
+    def _load(self) -> tuple[int, dict | None]:
+        best: tuple[int, dict | None] = (0, None)
+        for index in range(2):
+            raw = os.pread(self._fd, self.SLOT, index * self.SLOT)
+            sequence, length, crc = self._HEAD.unpack_from(raw)
+            body = raw[self._HEAD.size : self._HEAD.size + length]
+            if sequence and length <= self.SLOT - self._HEAD.size and zlib.crc32(body) == crc and sequence > best[0]:
+                best = (sequence, json.loads(body))
+        return best
+
+    def save(self, data: dict) -> None:
+        body = json.dumps(data, separators=(",", ":")).encode()
+        if len(body) > self.SLOT - self._HEAD.size:
+            raise ValueError("checkpoint record too large")
+        self._sequence += 1
+        record = self._HEAD.pack(self._sequence, len(body), zlib.crc32(body)) + body
+        os.pwrite(self._fd, record.ljust(self.SLOT, b"\0"), (self._sequence % 2) * self.SLOT)
+        os.fdatasync(self._fd)
+        self.data = data
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def claim_slot(root: Path) -> tuple[Path, int]:
     """The first slot directory no other process holds, and the open lock fd that holds it."""
     root.mkdir(parents=True, exist_ok=True)
@@ -104,13 +148,15 @@ class Spool:
         self._sync_lock = threading.Lock()
         self._data_ready = threading.Condition(self._lock)
         self.closed = False
+        # Set when an append was refused (size limit or disk), cleared when a flush frees space.
+        self.refusing = False
 
         id_path = self.directory / "id"
         if not id_path.exists():
             _write_atomic(id_path, uuid.uuid4().hex.encode())
         self.spool_id = id_path.read_text().strip()
 
-        self._checkpoint_path = self.directory / "checkpoint"
+        self._checkpoint = Checkpoint(self.directory / "checkpoint")
         self.committed, self.in_flight = self._read_checkpoint()
         self._recover()
 
@@ -131,9 +177,8 @@ class Spool:
     # -- recovery -----------------------------------------------------------------------------
 
     def _read_checkpoint(self) -> tuple[Position, Batch | None]:
-        try:
-            data = json.loads(self._checkpoint_path.read_text())
-        except FileNotFoundError:
+        data = self._checkpoint.data
+        if data is None:
             return Position(0, 0), None
         committed = Position(*data["committed"])
         flight = data.get("in_flight")
@@ -189,6 +234,7 @@ class Spool:
             if self.closed:
                 raise SpoolFull("the exporter is shutting down")
             if self.pending_bytes + len(frame) > self.max_bytes:
+                self.refusing = True
                 raise SpoolFull("the durable buffer is full")
             try:
                 written = os.write(self._fd, frame)
@@ -197,6 +243,7 @@ class Spool:
             except OSError as exc:
                 # A partial frame would hide every later one from the reader: cut it off.
                 os.ftruncate(self._fd, self._offset)
+                self.refusing = True
                 raise SpoolFull(f"the durable buffer cannot be written ({exc.strerror or exc})") from None
             self._offset += len(frame)
             self._written_bytes += len(frame)
@@ -315,6 +362,7 @@ class Spool:
         with self._lock:
             self.committed = batch.end
             self.in_flight = None
+            self.refusing = False
             self.pending_rows = max(0, self.pending_rows - batch.rows)
             self.pending_bytes = max(0, self.pending_bytes - self._span_bytes(batch))
             self.oldest_append = time.monotonic() if self.pending_rows else None
@@ -367,7 +415,7 @@ class Spool:
                 "rows": in_flight.rows,
                 "token": in_flight.token,
             }
-        _write_atomic(self._checkpoint_path, json.dumps(data).encode())
+        self._checkpoint.save(data)
 
     def oldest_age(self) -> float:
         with self._lock:
@@ -383,4 +431,5 @@ class Spool:
                 os.fsync(self._fd)
             finally:
                 os.close(self._fd)
+                self._checkpoint.close()
         os.close(self._lock_fd)

@@ -30,8 +30,11 @@ def readyz():
     if store_problem:
         problems.append(store_problem)
     spool = rt.spool
-    if spool.pending_bytes >= spool.max_bytes * 0.9:
-        problems.append(f"the durable buffer is {spool.pending_bytes} of {spool.max_bytes} bytes full")
+    if spool.refusing or spool.pending_bytes >= spool.max_bytes * 0.9:
+        problems.append(f"the durable buffer is full ({spool.pending_bytes} of {spool.max_bytes} bytes, or its disk)")
+    writer_status = rt.writer.status
+    if writer_status.consecutive_failures:
+        problems.append(f"the last {writer_status.consecutive_failures} inserts into ClickHouse failed ({writer_status.last_error})")
     if not rt.writer.alive and not rt.draining:
         problems.append("the writer thread is not running")
     status = rt.writer.status
