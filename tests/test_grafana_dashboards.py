@@ -143,3 +143,16 @@ def test_dashboards_provider_points_at_the_mounted_folder() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     mounts = compose["services"]["grafana"]["volumes"]
     assert f"./grafana/dashboards:{only['options']['path']}:ro" in mounts
+
+
+def test_the_layout_pictures_in_the_readme_match_the_dashboards() -> None:
+    """docs/img/*-layout.svg are drawn from the JSON by grafana/render_layout.py; rerun it after a layout change."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_layout", REPO / "grafana/render_layout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rendered = module.outputs()
+    assert {path.name for path in rendered} == {"llm-usage-layout.svg", "llm-operations-layout.svg"}
+    for path, svg in rendered.items():
+        assert path.read_text() == svg, f"{path.name} is stale: run python grafana/render_layout.py"
