@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from werkzeug.exceptions import HTTPException
 
 from .access import ViewerDirectory
+from .admission import InflightBudget
 from .config import Config
 from .metrics import Metrics
 from .spool import Spool
@@ -33,6 +34,7 @@ class Runtime:
     metrics: Metrics
     viewers: ViewerDirectory
     ingest_token_digests: list[bytes] = field(default_factory=list)
+    inflight: InflightBudget = field(default_factory=lambda: InflightBudget(64 * 1024 * 1024))
     draining: bool = False
 
     def shutdown(self, grace_s: float | None = None) -> bool:
@@ -95,6 +97,7 @@ def create_app(
         metrics=metrics,
         viewers=ViewerDirectory(config.viewers),
         ingest_token_digests=[hashlib.sha256(t.encode()).digest() for t in config.ingest.tokens],
+        inflight=InflightBudget(config.ingest.max_inflight_bytes),
     )
 
     from .web import BLUEPRINTS

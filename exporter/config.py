@@ -49,8 +49,10 @@ class ModelEntry(_Section, kw_only=True):
 
 class IngestConfig(_Section):
     tokens: list[str] = []
-    max_body_bytes: Annotated[int, msgspec.Meta(gt=0)] = 32 * 1024 * 1024
+    max_body_bytes: Annotated[int, msgspec.Meta(gt=0)] = 16 * 1024 * 1024
     max_records: Annotated[int, msgspec.Meta(gt=0)] = 50_000
+    # Bodies being decoded at once; beyond it ingest answers 503 + Retry-After immediately.
+    max_inflight_bytes: Annotated[int, msgspec.Meta(gt=0)] = 64 * 1024 * 1024
 
 
 class SpoolConfig(_Section):

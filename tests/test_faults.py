@@ -205,3 +205,20 @@ def test_unreachable_server_dsn_accepts_into_the_spool_and_a_later_start_deliver
     up = exporter_process(data_dir=data_dir, config_file=config)
     wait_until(lambda: requests.get(up.url + "/readyz", timeout=10).json()["spool"]["records"] == 0)
     assert sorted(r["user_id"] for r in up.sql("SELECT user_id FROM requests")) == sorted(r["user_id"] for r in batch)
+
+
+def test_bodies_beyond_the_inflight_budget_are_refused_at_once(make_app):
+    app = make_app(ingest={"max_inflight_bytes": 10_000})
+    rt = runtime(app)
+    client = app.test_client()
+    record = {"timestamp": 1795000000, "org": "o", "model": "m", "status_code": 200}
+    assert rt.inflight.try_acquire(9_000)  # another request's body is being decoded
+    try:
+        answer = client.post("/v1/requests", json=[record] * 30)
+        assert answer.status_code == 503
+        assert answer.headers["Retry-After"] == "1"
+        assert "limit of bodies in progress" in answer.json["error"]
+    finally:
+        rt.inflight.release(9_000)
+    assert client.post("/v1/requests", json=[record] * 30).status_code == 202
+    assert rt.inflight.used == 0

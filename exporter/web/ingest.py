@@ -42,6 +42,18 @@ def ingest():
     limit = rt.config.ingest.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         return _error(413, f"The body is larger than the limit of {limit} bytes.", "too_large")
+    size = request.content_length or limit  # a chunked body may grow to the limit
+    if not rt.inflight.try_acquire(size):
+        response = _error(503, "The exporter is at its limit of bodies in progress; retry shortly.", "overloaded")
+        response.headers["Retry-After"] = "1"
+        return response
+    try:
+        return _accept(rt, mimetype)
+    finally:
+        rt.inflight.release(size)
+
+
+def _accept(rt, mimetype: str):
     body = request.get_data(cache=False)
     try:
         parsed = parse_body(body, ndjson=mimetype in NDJSON_TYPES, max_records=rt.config.ingest.max_records)
