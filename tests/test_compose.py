@@ -114,7 +114,14 @@ def test_prometheus_scrapes_the_exporter_service_and_loads_the_rules(compose: di
     assert f"exporter:{exporter_port}" in targets, targets
     rules_mount = next(v for v in mounts(prometheus) if v["target"] == "/etc/prometheus/rules")
     assert list(Path(rules_mount["source"]).glob("*.yml"))
-    assert any(pattern.startswith("/etc/prometheus/rules/") for pattern in config.get("rule_files", []))
+    # Relative rule paths resolve against the config file's folder, where the rules are mounted.
+    assert [str(Path("/etc/prometheus") / p) for p in config["rule_files"]] == ["/etc/prometheus/rules/*.yml"]
+
+    # Apart from the target, the compose copy is the project's Prometheus configuration.
+    reference = yaml.safe_load((REPO / "prometheus/prometheus.yml").read_text())
+    for job in reference["scrape_configs"] + config["scrape_configs"]:
+        job.pop("static_configs")
+    assert config == {k: v for k, v in reference.items() if k != "alerting"}
 
 
 def test_the_image_copies_only_what_exists_and_is_not_ignored() -> None:
