@@ -477,16 +477,18 @@ def run_command(config: Config, args: argparse.Namespace, stop: threading.Event 
     settings = settings_from(config, args)
     source = AqueductSource(settings.postgres_dsn)
     source.connect()
+    store = Store(config)
     try:
-        store = Store(config)
+        store.migrate()  # the first use opens the store
     except StorageError as exc:
+        store.close()
+        source.close()
         hint = " (is an exporter running on it? the embedded store opens in one process at a time)" if config.clickhouse_dsn.startswith("chdb://") else ""
         raise ImportFailed(f"{exc}{hint}") from None
     if stop is None:
         stop = threading.Event()
         _stop_on_signals(stop)
     try:
-        store.migrate()
         watermark = watermark_for(config.data_dir, source, store.target.display, store.database)
         importer = AqueductImporter(source, store, watermark, settings, progress=ProgressBar())
         started = time.monotonic()
