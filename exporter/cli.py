@@ -174,7 +174,6 @@ def write_demo(store, events: int, days: float, seed: int, chunk: int = 50_000) 
 
 
 def cmd_demo(config: Config, args: argparse.Namespace) -> int:
-    from .demo import catalog
     from .storage import Store
 
     if args.events <= 0 or args.days <= 0:
@@ -277,17 +276,13 @@ def _sql_over_http(url: str, query: str, fmt: str, key: str | None) -> bytes | N
 
 
 def _sql_direct(config: Config, query: str, fmt: str) -> bytes:
-    from clickhouse_connect.driver.exceptions import ClickHouseError
-
-    from .storage import Store
+    from .storage import QueryRefused, Store
 
     store = Store(config)
     try:
         return store.adhoc_sql(query, fmt)
-    except ClickHouseError as exc:
-        from .web.sql import _explain
-
-        raise CommandError(_explain(str(exc).strip().splitlines()[0])) from None
+    except QueryRefused as exc:
+        raise CommandError(str(exc)) from None
     finally:
         store.close()
 

@@ -54,6 +54,17 @@ class StorageError(Exception):
     """ClickHouse could not be reached or refused an operation; the message is safe to show."""
 
 
+class QueryRefused(Exception):
+    """ClickHouse refused an engineer's ad-hoc query; the message says why in one line."""
+
+
+def _explain_refusal(exc: BaseException) -> str:
+    message = _first_line(exc)
+    if "readonly mode" in message or "(READONLY)" in message:
+        return "The query was refused: ad-hoc SQL is read-only (no INSERT, ALTER, CREATE, DROP or SET)."
+    return message
+
+
 @dataclass(frozen=True)
 class Target:
     """Where the store lives, with the password kept out of anything printable."""
@@ -265,7 +276,10 @@ class Store:
         # A query that names its own FORMAT keeps it; appending a second one is a syntax error.
         own_format = _TRAILING_FORMAT.search(sql)
         assert self._sql is not None
-        return self._sql.raw_query(sql.rstrip().rstrip(";") if own_format else sql, fmt=None if own_format else fmt)
+        try:
+            return self._sql.raw_query(sql.rstrip().rstrip(";") if own_format else sql, fmt=None if own_format else fmt)
+        except ClickHouseError as exc:
+            raise QueryRefused(_explain_refusal(exc)) from None
 
     def _build_sql_client(self) -> None:
         if self._sql is None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from clickhouse_connect.driver.exceptions import ClickHouseError
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..app import runtime
+from ..storage import QueryRefused
 
 bp = Blueprint("sql", __name__)
 
@@ -48,9 +48,8 @@ def sql():
         return _error(400, "Send the SQL as the body, or as {\"query\": \"...\"}.")
     try:
         result = rt.store.adhoc_sql(query, fmt)
-    except ClickHouseError as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else "ClickHouse refused the query."
-        return _error(400, _explain(message))
+    except QueryRefused as exc:
+        return _error(400, str(exc))
     content_type = "application/json" if fmt.upper().startswith("JSON") and "EachRow" not in fmt else "text/plain; charset=utf-8"
     return Response(result, content_type=content_type)
 
@@ -63,8 +62,3 @@ def _query_text() -> str:
         return ""
     return request.get_data(as_text=True).strip()
 
-
-def _explain(message: str) -> str:
-    if "readonly mode" in message or "(READONLY)" in message:
-        return "The query was refused: ad-hoc SQL is read-only (no INSERT, ALTER, CREATE, DROP or SET)."
-    return message
