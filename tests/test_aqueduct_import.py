@@ -22,6 +22,7 @@ import pytest
 
 from exporter.app import runtime
 from exporter.integrations.aqueduct import (
+    COLUMNS,
     UNKNOWN_ORG,
     AqueductImporter,
     AqueductSource,
@@ -30,6 +31,7 @@ from exporter.integrations.aqueduct import (
     parse_since,
     watermark_for,
 )
+from exporter.records import Row
 from exporter.usage import UsageQuery, as_json, usage
 
 from .aqueduct_db import AqueductDB
@@ -122,7 +124,7 @@ def seed_gateway(dsn: str, rows: int = 600, seed: int = 8) -> Gateway:
         ("gpt-4o", "/v1/chat/completions"), ("gpt-4o-mini", "/chat/completions"), ("gpt-4o", "/v1/completions"),
         ("text-embedding-3-small", "/v1/embeddings"), ("whisper-1", "/v1/audio/transcriptions"),
     ]
-    user_ids = ["", "", "user-42", "jürgen.müller@tuwien.ac.at", "ユーザー7", "a\\b \"quoted\""]
+    user_ids = ["", "", "user-42", "jürgen.müller@tuwien.ac.at", "ユーザー7", "a\\b \"quoted\"", "tab\there\nnewline\r\x07"]
     now = datetime.now(UTC)
     planned = []
     for _ in range(rows):
@@ -323,6 +325,10 @@ def test_usage_api_after_import_equals_aqueducts_page(aqueduct_dsn, make_app):
             expected = aqueduct_page(gateway, now, span, None if org == "all" else org, token_name)
             assert expected["total_requests"] > 0 or span == "1h"
             assert_same_numbers(answer, expected, answer["scope"]["top_kind"])
+
+
+def test_the_select_list_is_the_requests_row():
+    assert list(COLUMNS) == list(Row.__struct_fields__)
 
 
 def test_rows_map_every_field_including_nulls_orphans_and_non_ascii(aqueduct_dsn, make_app):
