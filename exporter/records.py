@@ -176,6 +176,12 @@ def _decode_record(raw: bytes | msgspec.Raw, index: int) -> Record | Rejection:
         return Rejection(index, describe_error(exc))
     except msgspec.DecodeError as exc:
         return Rejection(index, f"record is not valid JSON: {exc}.")
+    except UnicodeDecodeError:
+        # msgspec checks UTF-8 only in the strings it keeps, and raises this instead of DecodeError.
+        return Rejection(index, "record is not valid JSON: a string is not valid UTF-8.")
+    except RecursionError:
+        # msgspec's own depth guard; a few kilobytes of brackets reach it.
+        return Rejection(index, "record is not valid JSON: it is nested too deeply.")
 
 
 def parse_body(body: bytes, ndjson: bool, max_records: int) -> ParsedBody:
@@ -190,6 +196,8 @@ def parse_body(body: bytes, ndjson: bool, max_records: int) -> ParsedBody:
             items = list(_array_decoder.decode(body))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise BodyError(f"the body is not a valid JSON array: {exc}.") from None
+        except RecursionError:
+            raise BodyError("the body is not a valid JSON array: it is nested too deeply.") from None
     elif stripped[:1] == b"{":
         items = [body]
     else:

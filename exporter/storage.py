@@ -243,7 +243,9 @@ class Store:
             None,
             payload,
             fmt="JSONEachRow",
-            settings={"insert_deduplication_token": dedup_token},
+            # A batch may span any of the ~1200 months validation allows (backfills do); past the
+            # default cap of 100 partitions per block ClickHouse would refuse it on every retry.
+            settings={"insert_deduplication_token": dedup_token, "max_partitions_per_insert_block": 0},
         )
 
     def existing_request_ids(self, request_ids: Sequence[str]) -> set[str]:
