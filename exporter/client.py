@@ -325,7 +325,7 @@ class UsageClient:
             with self._cond:
                 # A close() during the wait ends it: one more attempt, then retries only within its deadline.
                 closing = self._give_up_at is not None
-                self._cond.wait_for(lambda: (self._give_up_at is not None) != closing, delay)
+                self._cond.wait_for(lambda closing=closing: (self._give_up_at is not None) != closing, delay)
             attempt += 1
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:

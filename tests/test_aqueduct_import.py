@@ -14,7 +14,6 @@ import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -32,7 +31,6 @@ from exporter.integrations.aqueduct import (
     watermark_for,
 )
 from exporter.records import Row
-from exporter.usage import UsageQuery, as_json, usage
 
 from .aqueduct_db import AqueductDB
 from .pg_support import postgres_cluster  # noqa: F401  (the session fixture)
@@ -144,7 +142,7 @@ def seed_gateway(dsn: str, rows: int = 600, seed: int = 8) -> Gateway:
     # Aqueduct inserts rows as requests start, so ids follow time.
     planned.sort(key=lambda r: r["timestamp"])
     ids = db.add_requests([{k: v for k, v in r.items() if k != "token"} for r in planned])
-    for row, row_id in zip(planned, ids):
+    for row, row_id in zip(planned, ids, strict=True):
         row["id"] = row_id
     # A token removed behind Django's back (a restored dump, a database without foreign keys):
     # its requests stay, pointing at nothing.
@@ -256,13 +254,10 @@ def import_all(app, dsn: str, **overrides: Any) -> AqueductImporter:
 
 
 def api_usage(app, **params: Any) -> dict[str, Any]:
-    """The GET /api/v1/usage body for ``params`` (org, token, timeframe, top)."""
-    rt = runtime(app)
-    query = UsageQuery(org=None if params.get("org", "all") == "all" else params["org"], token=params.get("token"),
-                       timeframe=params.get("timeframe", "1d"), top=params.get("top", 100))
-    report = usage(rt.store, rt.store.database, query, now=datetime.now(UTC), tz=rt.config.timezone,
-                   catalog=[m.name for m in rt.config.models])
-    return as_json(report)
+    """GET /api/v1/usage with ``params`` (org, token, timeframe, top), through the app's own route."""
+    response = app.test_client().get("/api/v1/usage", query_string=params)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
 
 
 def _epoch_ms(text: str) -> int:

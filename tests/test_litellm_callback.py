@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -118,7 +120,7 @@ def test_callback_sends_each_call_once_to_a_real_exporter(exporter_process, tmp_
     callback = UsageExporterCallback(proc.url, max_batch_age_s=0.05)
 
     async def async_hooks() -> None:
-        for name, items in calls().items():
+        for items in calls().values():
             for item in items:
                 kwargs = {"standard_logging_object": item["payload"], "litellm_call_id": item["payload"]["litellm_call_id"]}
                 hook = item["hook"]
@@ -173,3 +175,19 @@ def test_module_attribute_is_built_from_the_environment_on_first_use(monkeypatch
         integration._default_callback.cache_clear()
     with pytest.raises(AttributeError):
         integration.no_such_thing  # noqa: B018
+
+
+def test_the_callback_needs_only_the_standard_library():
+    """A LiteLLM image gets it with `pip install --no-deps llm-usage-exporter`: no msgspec, Flask or ClickHouse."""
+    probe = ("import sys, exporter.integrations.litellm as m; "
+             "heavy = [n for n in ('msgspec', 'flask', 'clickhouse_connect', 'yaml', 'psycopg', 'prometheus_client') if n in sys.modules]; "
+             "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"
+
+
+def test_limits_match_the_records_module():
+    from exporter.records import MAX_REQUEST_ID_CHARS, MAX_STRING_CHARS
+
+    assert (integration.MAX_STRING_CHARS, integration.MAX_REQUEST_ID_CHARS) == (MAX_STRING_CHARS, MAX_REQUEST_ID_CHARS)

@@ -53,7 +53,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..client import UsageClient
-from ..records import MAX_REQUEST_ID_CHARS, MAX_STRING_CHARS
+
+# The contract's limits (exporter.records holds the same numbers), repeated so that this module,
+# like the client, needs nothing beyond the standard library: `pip install --no-deps
+# llm-usage-exporter` is enough in a LiteLLM image.
+MAX_STRING_CHARS = 1024
+MAX_REQUEST_ID_CHARS = 128
 
 log = logging.getLogger(__name__)
 
