@@ -42,7 +42,12 @@ RETAINED_TABLES = {
     "usage_by_org_1m": "minute",
     "usage_by_token_1m": "minute",
     "usage_by_user_1m": "minute",
+    "usage_by_org_1h": "hour",
+    "usage_by_token_1h": "hour",
+    "usage_by_user_1h": "hour",
 }
+# Tables that keep only recent rows whatever the retention: table -> (time column, days kept).
+RECENT_TABLES = {"usage_recent_requests": ("timestamp", 8)}
 # Column order of ``requests`` as the writer sends it (records.Row follows it).
 STORAGE_ERRORS: tuple[type[BaseException], ...] = (ClickHouseError, OSError)
 
@@ -205,13 +210,15 @@ class Store:
 
     def _apply_retention(self, days: int) -> None:
         """CREATE IF NOT EXISTS keeps an old TTL, so a changed retention is applied here."""
-        for table, column in RETAINED_TABLES.items():
+        targets = [(table, column, days) for table, column in RETAINED_TABLES.items()]
+        targets += [(table, column, min(days, cap) if days > 0 else cap) for table, (column, cap) in RECENT_TABLES.items()]
+        for table, column, table_days in targets:
             name = f"{self.database}.{table}"
             create = str(self.writer.command(f"SHOW CREATE TABLE {name}"))
             has_ttl = "TTL " in create
-            if days > 0 and f"toIntervalDay({days})" not in create:
-                self.writer.command(f"ALTER TABLE {name} MODIFY TTL toDateTime({column}) + toIntervalDay({days})")
-            elif days <= 0 and has_ttl:  # a TTL already at the configured days stays
+            if table_days > 0 and f"toIntervalDay({table_days})" not in create:
+                self.writer.command(f"ALTER TABLE {name} MODIFY TTL toDateTime({column}) + toIntervalDay({table_days})")
+            elif table_days <= 0 and has_ttl:  # a TTL already at the configured days stays
                 self.writer.command(f"ALTER TABLE {name} REMOVE TTL")
 
     def sync_models(self, models: Sequence[ModelEntry]) -> None:

@@ -1,21 +1,21 @@
 """The Usage Dashboard's numbers: the one place that builds the usage SQL.
 
-One :func:`usage` call is one ClickHouse query (each embedded query costs milliseconds of fixed
-overhead, so the page's four panels share a single scan). The query reads the per-minute rollups
-of ``clickhouse/040_usage_rollups.sql`` for the whole minutes of the window and ``requests`` only
-for the two partial minutes that the window's second-exact start and end cut, then groups that
-one stream four ways with ``GROUPING SETS``: the metrics bar, the time buckets, the top-N rows and
-the models. ``source="raw"`` reads ``requests`` alone; tests and the benchmark use it to prove the
-rollups give the same answer.
+One :func:`usage` call is one ClickHouse query: each embedded query costs milliseconds of fixed
+overhead, so the page's four panels share a single scan. That query reads three tiers of
+``clickhouse/040_usage_rollups.sql`` -- whole UTC hours from the hour rollups, the remaining whole
+minutes from the minute rollups, and the minutes cut by the window's second-exact start and end
+row by row from the recent requests -- and groups the one stream four ways with ``GROUPING SETS``:
+the metrics bar, the time buckets, the top-N rows and the models. ``source="raw"`` reads
+``requests`` alone; tests and the benchmark use it to prove the tiers give the same answer.
 
 The SQL text depends only on the scope's *shape* (all orgs / one org / one token, user filter or
-not); every value a caller sends travels as a query parameter.
+not, which tiers apply); every value a caller sends travels as a query parameter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
@@ -164,35 +164,98 @@ def bucket_starts(start: datetime, end: datetime, bucket: str, tz: ZoneInfo) -> 
 
 # --- the query ------------------------------------------------------------------------------
 
-# Rollup tables, by what they can answer (040_usage_rollups.sql).
-_BY_ORG = "usage_by_org_1m"
-_BY_TOKEN = "usage_by_token_1m"
-_BY_USER = "usage_by_user_1m"
+# The edges of every window: the last 8 days of requests, ordered by time (040_usage_rollups.sql).
+# It receives rows stamped at most RECENT_DAYS before their insert and drops them RECENT_DAYS
+# after their timestamp, so it is complete from (wall clock - RECENT_DAYS) on; the slack allows
+# for a ClickHouse server whose clock differs from the exporter's. Windows that start earlier
+# (only with an injected past "now": tests, benchmarks) read their edges from requests instead.
+_RECENT = "usage_recent_requests"
+RECENT_DAYS = 8
+_CLOCK_SLACK = timedelta(hours=1)
+
+
+def recent_horizon(wall_clock: datetime) -> datetime:
+    """The earliest instant from which usage_recent_requests holds every row."""
+    return wall_clock - timedelta(days=RECENT_DAYS) + _CLOCK_SLACK
 
 # The column each kind of top row is keyed by.
 _TOP_COLUMN = {"org": "org", "token": "token_name", "user_id": "user_id"}
 
-# GROUPING SETS ids: grouping(bucket, name, model) has a bit set for each column grouped away.
-_SET_METRICS, _SET_BUCKETS, _SET_TOP, _SET_MODELS = 7, 3, 5, 6
+# The panels as GROUPING SETS over the one stream. "owners" (token scopes only) finds each
+# token's owner and service account as last recorded: max(seen) per (token, owner, account).
+_KEYS = ("bucket", "name", "model", "endpoint", "owner_name", "account_name")
+_SETS = {
+    "metrics": (),
+    "buckets": ("bucket",),
+    "top": ("name",),
+    "models": ("model",),
+    "endpoints": ("endpoint",),  # the average response times per endpoint kind
+    "owners": ("name", "owner_name", "account_name"),
+}
+
+
+def _shape(query: UsageQuery) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The grouping keys and the sets of ``query``: owners only for token rows."""
+    if query.top_kind == "token":
+        return _KEYS, tuple(_SETS)
+    return _KEYS[:4], tuple(name for name in _SETS if name != "owners")
+
+
+def _grouping_id(keys: Sequence[str], grouped: Sequence[str]) -> int:
+    """ClickHouse's grouping(keys...): one bit per key, the first key highest, set when grouped away."""
+    return sum(1 << (len(keys) - 1 - i) for i, key in enumerate(keys) if key not in grouped)
 
 _MEASURES = "requests, failed, rt_count, rt_sum_us, input_tokens, output_tokens"
+_RECENT_MEASURES = "1 AS requests, failed, rt_count, rt_sum_us, input_tokens, output_tokens"
 _RAW_MEASURES = (
-    "toUInt64(1) AS requests, toUInt64(status_code >= 400) AS failed, "
-    "toUInt64(response_time_ms IS NOT NULL) AS rt_count, "
+    "1 AS requests, status_code >= 400 AS failed, response_time_ms IS NOT NULL AS rt_count, "
     # Whole microseconds, as the rollups sum them, so raw and rollup sums agree to the bit.
-    "ifNull(toUInt64(round(response_time_ms * 1000)), 0) AS rt_sum_us, "
-    "toUInt64(input_tokens) AS input_tokens, toUInt64(output_tokens) AS output_tokens"
+    "ifNull(toUInt64(round(response_time_ms * 1000)), 0) AS rt_sum_us, input_tokens, output_tokens"
 )
 
 
-def _rollup_table(query: UsageQuery) -> str:
+@dataclass(frozen=True)
+class Ranges:
+    """Which source answers which part of a window (UTC; the window is start <= t <= end).
+
+    Whole hours ``[hour_start, hour_end)`` come from the hour rollups, the other whole minutes
+    ``[whole_start, whole_end)`` from the minute rollups, and the cut minutes at both edges from
+    the recent requests. ``hour_start == hour_end`` when the hour rollups cannot be used.
+    """
+
+    start: datetime
+    end: datetime
+    whole_start: datetime
+    whole_end: datetime
+    hour_start: datetime
+    hour_end: datetime
+    edges_from_recent: bool  # else from requests
+
+
+def ranges(window: Window, recent_from: datetime) -> Ranges:
+    whole_start = window.start + timedelta(seconds=(60 - window.start.second) % 60)
+    whole_end = window.end.replace(second=0)
+    hour_start = whole_start + timedelta(minutes=(60 - whole_start.minute) % 60)
+    hour_end = whole_end.replace(minute=0)
+    # An hour's row must land in one bucket: every bucket boundary inside the window must be a
+    # whole UTC hour. Minute buckets, or hour and day buckets of a half-hour time zone, are not.
+    aligned = window.bucket != "1m" and all(b.minute == 0 and b.second == 0 for b in window.buckets[1:])
+    if not aligned or hour_start >= hour_end:
+        hour_start = hour_end = whole_end
+    return Ranges(window.start, window.end, whole_start, whole_end, hour_start, hour_end, window.start >= recent_from)
+
+
+def _tables(query: UsageQuery) -> tuple[str, str]:
+    """The (minute, hour) rollups that hold every column the scope filters or groups by."""
     if query.visibility is not None or query.token is not None:
-        return _BY_USER  # the only rollup with user_id and team
-    return _BY_TOKEN if query.org is not None else _BY_ORG
+        return "usage_by_user_1m", "usage_by_user_1h"  # the only ones with user_id and team
+    if query.org is not None:
+        return "usage_by_token_1m", "usage_by_token_1h"
+    return "usage_by_org_1m", "usage_by_org_1h"
 
 
 def _filters(query: UsageQuery) -> str:
-    """Scope filters, the same column names on requests and on every rollup that holds them."""
+    """Scope filters; requests, the recent requests and the rollups name these columns alike."""
     parts = []
     if query.org is not None:
         parts.append("org = {org:String}")
@@ -203,79 +266,77 @@ def _filters(query: UsageQuery) -> str:
     return "".join(f" AND {p}" for p in parts)
 
 
-def _branch(table: str, query: UsageQuery, time_filter: str, raw: bool) -> str:
-    """One SELECT of the common row shape: minute, name, owner, account, last_seen, model, endpoint, measures."""
-    name = _TOP_COLUMN[query.top_kind]
-    has_owner = raw or table != _BY_ORG
-    owner = "token_owner, service_account" if has_owner else "'' AS token_owner, '' AS service_account"
-    if raw:
-        minute = "toStartOfMinute(toDateTime(timestamp, 'UTC')) AS minute"
-        last_seen = "timestamp AS last_seen"
-        measures = _RAW_MEASURES
+def _branch(table: str, query: UsageQuery, time_filter: str) -> str:
+    """One SELECT of the common row shape: period, name, owner_name, account_name, seen, model, endpoint, measures."""
+    per_row = table in (_RECENT, "requests")
+    if per_row:
+        period = "toStartOfMinute(toDateTime(timestamp, 'UTC')) AS period"
     else:
-        minute = "minute"
-        last_seen = "last_seen" if has_owner else "toDateTime64(0, 3, 'UTC') AS last_seen"
-        measures = _MEASURES
+        period = ("hour" if table.endswith("_1h") else "minute") + " AS period"
+    # Aliases differ from every column name: ClickHouse would read an alias in WHERE in its place.
+    if query.top_kind == "token":
+        # Only token rows show an owner: the one recorded last (ties broken by value).
+        owner = "token_owner AS owner_name, service_account AS account_name, " + ("timestamp" if per_row else "last_seen") + " AS seen"
+    else:
+        owner = "'' AS owner_name, '' AS account_name, toDateTime64(0, 3, 'UTC') AS seen"
+    measures = {"requests": _RAW_MEASURES, _RECENT: _RECENT_MEASURES}.get(table, _MEASURES)
     return (
-        f"SELECT {minute}, {name} AS name, {owner}, {last_seen}, model, endpoint, {measures} "
+        f"SELECT {period}, {_TOP_COLUMN[query.top_kind]} AS name, {owner}, model, endpoint, {measures} "
         f"FROM {{db:Identifier}}.{table} WHERE {time_filter}{_filters(query)}"
     )
 
 
-def build_sql(query: UsageQuery, source: Source = "rollup") -> str:
+def build_sql(query: UsageQuery, spans: Ranges, source: Source = "rollup") -> str:
     """The one query behind a usage answer (its parameters come from :func:`parameters`)."""
     if source == "raw":
-        stream = _branch("requests", query, "timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}", raw=True)
+        branches = [_branch("requests", query, "timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}")]
     else:
-        whole = "minute >= {whole_start:DateTime('UTC')} AND minute < {whole_end:DateTime('UTC')}"
-        # The minutes cut by the window's edges; requests is ordered by (org, token_name, timestamp),
-        # so these two short ranges are a few granules per token.
-        edges = (
+        minute_table, hour_table = _tables(query)
+        branches = []
+        if spans.hour_start < spans.hour_end:
+            branches.append(_branch(hour_table, query, "hour >= {hour_start:DateTime('UTC')} AND hour < {hour_end:DateTime('UTC')}"))
+        branches.append(_branch(minute_table, query, (
+            "((minute >= {whole_start:DateTime('UTC')} AND minute < {hour_start:DateTime('UTC')})"
+            " OR (minute >= {hour_end:DateTime('UTC')} AND minute < {whole_end:DateTime('UTC')}))"
+        )))
+        branches.append(_branch(_RECENT if spans.edges_from_recent else "requests", query, (
             "((timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {whole_start_ms:DateTime64(3, 'UTC')})"
             " OR (timestamp >= {whole_end_ms:DateTime64(3, 'UTC')} AND timestamp <= {end:DateTime64(3, 'UTC')}))"
-        )
-        stream = f"{_branch(_rollup_table(query), query, whole, raw=False)} UNION ALL {_branch('requests', query, edges, raw=True)}"
-    owner = (
-        "argMax((token_owner, service_account), (last_seen, token_owner, service_account))"
-        if query.top_kind == "token"
-        else "('', '')"
+        )))
+    keys, sets = _shape(query)
+    owners = _grouping_id(keys, _SETS["owners"])
+    return (
+        f"SELECT grouping({', '.join(keys)}) AS kind, "
+        "arrayCount(b -> b <= period, {bounds:Array(DateTime('UTC'))}) - 1 AS bucket, "
+        f"{', '.join(keys[1:])}, "
+        "sum(requests) AS requests, sum(failed) AS failed, sum(rt_count) AS rt_count, sum(rt_sum_us) AS rt_sum_us, "
+        "sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, max(seen) AS latest "
+        f"FROM ({' UNION ALL '.join(branches)}) "
+        f"GROUP BY GROUPING SETS ({', '.join('(' + ', '.join(_SETS[name]) + ')' for name in sets)}) "
+        # Only the top rows leave ClickHouse (ties by name, as on the page): they share one LIMIT
+        # BY group (their other keys are grouped away); every other row is a group of its own.
+        f"ORDER BY kind, requests DESC, name LIMIT {{top:UInt32}} BY kind, {', '.join(k for k in keys if k != 'name')}"
+        + (f", if(kind = {owners}, name, '')" if query.top_kind == "token" else "")
     )
-    grouped = (
-        "SELECT grouping(bucket, name, model) AS kind, "
-        "arrayCount(b -> b <= minute, {bounds:Array(DateTime('UTC'))}) - 1 AS bucket, name, model, "
-        "sum(requests) AS requests, sum(failed) AS failed, "
-        "sumIf(rt_count, endpoint = 'completion') AS rt_count_completion, "
-        "sumIf(rt_sum_us, endpoint = 'completion') AS rt_sum_us_completion, "
-        "sumIf(rt_count, endpoint = 'embedding') AS rt_count_embedding, "
-        "sumIf(rt_sum_us, endpoint = 'embedding') AS rt_sum_us_embedding, "
-        "sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
-        f"{owner} AS owner "
-        f"FROM ({stream}) "
-        "GROUP BY GROUPING SETS ((), (bucket), (name), (model)) "
-        # Only the top rows leave ClickHouse (ties by name, as on the page). Bucket and model rows
-        # each form their own LIMIT BY group; the top rows share (bucket 0, model '').
-        "ORDER BY kind, requests DESC, name LIMIT {top:UInt32} BY kind, bucket, model"
-    )
-    return grouped
 
 
-def _ch_time(instant: datetime, millis: bool) -> str:
+def _ch_time(instant: datetime, millis: bool = False) -> str:
     text = instant.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
     return text + ".000" if millis else text
 
 
-def parameters(query: UsageQuery, window: Window, database: str) -> dict[str, Any]:
-    whole_start = window.start + timedelta(seconds=(60 - window.start.second) % 60)
-    whole_end = window.end.replace(second=0)
+def parameters(query: UsageQuery, window: Window, spans: Ranges, database: str) -> dict[str, Any]:
     params: dict[str, Any] = {
         "db": database,
-        "start": _ch_time(window.start, True),
-        "end": _ch_time(window.end, True),
-        "whole_start": _ch_time(whole_start, False),
-        "whole_end": _ch_time(whole_end, False),
-        "whole_start_ms": _ch_time(whole_start, True),
-        "whole_end_ms": _ch_time(whole_end, True),
-        "bounds": [_ch_time(b, False) for b in window.buckets],
+        "start": _ch_time(spans.start, millis=True),
+        "end": _ch_time(spans.end, millis=True),
+        "whole_start": _ch_time(spans.whole_start),
+        "whole_end": _ch_time(spans.whole_end),
+        "whole_start_ms": _ch_time(spans.whole_start, millis=True),
+        "whole_end_ms": _ch_time(spans.whole_end, millis=True),
+        "hour_start": _ch_time(spans.hour_start),
+        "hour_end": _ch_time(spans.hour_end),
+        "bounds": [_ch_time(b) for b in window.buckets],
         "top": query.top,
     }
     if query.org is not None:
@@ -302,31 +363,48 @@ def usage(
     tz: str,
     catalog: Sequence[str] = (),
     source: Source = "rollup",
+    recent_from: datetime | None = None,
 ) -> Report:
     """Every number of the Usage Dashboard for ``query`` in the window ending at ``now``.
 
     ``catalog`` is the configured model catalog (config key ``models``, which the exporter also
     writes to the ``models`` table): those models are listed with 0 when unused. Taking it from
-    the config rather than the table saves a table read on every call.
+    the config rather than the table saves a table read on every call. ``recent_from`` is
+    :func:`recent_horizon` of the wall clock unless given.
     """
     window = window_for(query.timeframe, now, tz)
-    rows = runner.query(build_sql(query, source), parameters(query, window, database))
+    spans = ranges(window, recent_from or recent_horizon(datetime.now(UTC)))
+    rows = runner.query(build_sql(query, spans, source), parameters(query, window, spans, database))
     counts = [0] * len(window.buckets)
     top: list[TopRow] = []
     models: dict[str, int] = dict.fromkeys(catalog, 0)
-    metrics = Metrics(0, 0, None, None, 0, 0)
-    for (kind, bucket, name, model, requests, failed, rtc_c, rts_c, rtc_e, rts_e, tokens_in, tokens_out, owner) in rows:
-        if kind == _SET_METRICS:
-            metrics = Metrics(int(requests), int(failed), _average(rts_c, rtc_c), _average(rts_e, rtc_e), int(tokens_in), int(tokens_out))
-        elif kind == _SET_BUCKETS:
-            counts[bucket] += int(requests)
-        elif kind == _SET_TOP:
-            token_owner, account = owner
-            is_token = query.top_kind == "token"
-            top.append(TopRow(name, int(requests), int(tokens_in), int(tokens_out),
-                              (token_owner or None) if is_token else None, (account or None) if is_token else None))
-        elif kind == _SET_MODELS:
-            models[model] = int(requests)
+    totals = (0, 0, 0, 0)
+    times: dict[str, tuple[int, int]] = {}
+    owners: dict[str, tuple[Any, str, str]] = {}
+    keys, sets = _shape(query)
+    kinds = {_grouping_id(keys, _SETS[name]): name for name in sets}
+    for row in rows:
+        values = dict(zip(keys, row[1:len(keys) + 1]))
+        requests, failed, rt_count, rt_sum_us, tokens_in, tokens_out, seen = (row[len(keys) + 1:])
+        kind = kinds.get(row[0])
+        if kind == "metrics":
+            totals = (int(requests), int(failed), int(tokens_in), int(tokens_out))
+        elif kind == "buckets":
+            counts[values["bucket"]] += int(requests)
+        elif kind == "top":
+            top.append(TopRow(values["name"], int(requests), int(tokens_in), int(tokens_out)))
+        elif kind == "models":
+            models[values["model"]] = int(requests)
+        elif kind == "endpoints":
+            times[values["endpoint"]] = (int(rt_sum_us), int(rt_count))
+        elif kind == "owners":
+            latest = (seen, values["owner_name"], values["account_name"])
+            # The last recorded owner; equal times are settled by the values, as max() does in SQL.
+            owners[values["name"]] = max(owners.get(values["name"], latest), latest)
+    if query.top_kind == "token":
+        top = [replace(row, token_owner=owners[row.name][1] or None, service_account=owners[row.name][2] or None) for row in top]
+    metrics = Metrics(totals[0], totals[1], _average(*times.get("completion", (0, 0))),
+                      _average(*times.get("embedding", (0, 0))), totals[2], totals[3])
     # ClickHouse compares strings bytewise, which for UTF-8 is Python's code point order.
     top.sort(key=lambda row: (-row.requests, row.name))
     return Report(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -127,6 +128,8 @@ def edge_instants(now_ms: int) -> list[int]:
             out += [edge - 1, edge, edge + 1, edge + 999, edge + 1000]
         out += [start - start % 60_000 + 60_000 - 1, start - start % 60_000 + 60_000]  # first whole minute
         out += [end - end % 60_000 - 1, end - end % 60_000]  # last partial minute
+        out += [start - start % 3_600_000 + 3_600_000 - 1, start - start % 3_600_000 + 3_600_000]  # first whole hour
+        out += [end - end % 3_600_000 - 1, end - end % 3_600_000]  # last partial hour
     return out
 
 
@@ -290,14 +293,17 @@ def get(app, key: str | None = None, **params) -> Any:
     return app.test_client().get("/api/v1/usage", query_string=params, headers=headers)
 
 
-def direct(app, query: usage.UsageQuery, now_s: float, tz: str, source: usage.Source) -> dict[str, Any]:
+def direct(app, query: usage.UsageQuery, now_s: float, tz: str, source: usage.Source,
+           recent_from: datetime | None = None) -> dict[str, Any]:
     rt = runtime(app)
     report = usage.usage(rt.store, rt.store.database, query, now=datetime.fromtimestamp(now_s, UTC), tz=tz,
-                         catalog=[m["name"] for m in CATALOG], source=source)
+                         catalog=[m["name"] for m in CATALOG], source=source, recent_from=recent_from)
     return usage.as_json(report)
 
 
-NOW_S = 1795378385.4  # 2026-11-22T17:33:05.4Z: "now" is truncated to 17:33:05
+# "Now" a few minutes ago at hh:mm:05.4 (truncated to hh:mm:05): recent enough that the windows'
+# edges come from usage_recent_requests, as in production.
+NOW_S = (int(time.time()) // 60 - 3) * 60 + 5.4
 VIEWERS = [
     {"key": ADMIN_KEY, "role": "admin"},
     {"key": ORG_KEY, "role": "org", "org": "org-01"},

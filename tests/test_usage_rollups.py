@@ -4,16 +4,16 @@ that predate the rollups are backfilled, and the rollups expire with the raw row
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from exporter import usage
 from exporter.app import runtime
 from exporter.records import encode_rows
 from exporter.demo import generate
 
-from .test_usage import CATALOG, NOW_S, build_dataset, direct, expected, ingest
+from .test_usage import CATALOG, NOW_S, build_dataset, direct, expected, ingest, record_ms, unique
 
-ROLLUPS = ("usage_by_org_1m", "usage_by_token_1m", "usage_by_user_1m")
+ROLLUPS = ("usage_by_org_1m", "usage_by_token_1m", "usage_by_user_1m", "usage_by_org_1h", "usage_by_token_1h", "usage_by_user_1h")
 SCOPES = [
     usage.UsageQuery(None, None, "1w"),
     usage.UsageQuery(None, None, "1h", 25),
@@ -27,27 +27,43 @@ def answers(app, source: usage.Source) -> list[dict]:
     return [direct(app, query, NOW_S, "UTC", source) for query in SCOPES]
 
 
-def test_whole_minutes_come_from_rollups_and_cut_minutes_from_requests(make_app):
+def test_each_tier_answers_exactly_its_part_of_the_window(make_app):
     records = build_dataset(seed=21, now_ms=int(NOW_S * 1000), count=600, orgs=3)
     app = make_app(models=CATALOG)
     ingest(app, records)
     store = runtime(app).store
-    before = answers(app, "rollup")
-    assert before == answers(app, "raw")
-    # Remove the raw rows of every whole minute of the 1w window: the rollups still hold them.
-    window = usage.window_for("1w", datetime.fromtimestamp(NOW_S, timezone.utc), "UTC")
-    params = usage.parameters(SCOPES[0], window, store.database)
-    store.writer.command(
-        "DELETE FROM requests WHERE timestamp >= {whole_start_ms:DateTime64(3, 'UTC')} AND timestamp < {whole_end_ms:DateTime64(3, 'UTC')}",
-        parameters=params,
-    )
-    assert answers(app, "rollup")[0] == before[0]
-    raw_week = answers(app, "raw")[0]
-    assert 0 < raw_week["metrics"]["total_requests"] < before[0]["metrics"]["total_requests"]
-    # Remove the cut minutes too: exactly those records leave the rollup-based answer.
+    assert answers(app, "rollup") == answers(app, "raw")
+    # Edges read from requests (a window older than the recent requests reach) agree too.
+    far = datetime.now(timezone.utc) + timedelta(days=1)
+    assert [direct(app, q, NOW_S, "UTC", "rollup", recent_from=far) for q in SCOPES] == answers(app, "raw")
+    week = direct(app, SCOPES[0], NOW_S, "UTC", "rollup")
+    assert week == expected(records, now_s=NOW_S, timeframe="1w")
+    now = datetime.fromtimestamp(NOW_S, timezone.utc)
+    spans = usage.ranges(usage.window_for("1w", now, "UTC"), usage.recent_horizon(datetime.now(timezone.utc)))
+    assert spans.edges_from_recent
+    assert spans.hour_start < spans.hour_end
+
+    def stored_between(low: datetime, high: datetime, inclusive: bool = False) -> int:
+        lo, hi = low.timestamp() * 1000, high.timestamp() * 1000
+        return sum(1 for r in unique(records) if lo <= record_ms(r) < hi or (inclusive and record_ms(r) == hi))
+
+    def total() -> int:
+        return direct(app, SCOPES[0], NOW_S, "UTC", "rollup")["metrics"]["total_requests"]
+
+    # The rollup answer never reads requests.
     store.writer.command("DELETE FROM requests WHERE 1")
-    emptied = answers(app, "rollup")[0]["metrics"]["total_requests"]
-    assert emptied == before[0]["metrics"]["total_requests"] - raw_week["metrics"]["total_requests"]
+    assert answers(app, "raw")[0]["metrics"]["total_requests"] == 0
+    assert direct(app, SCOPES[0], NOW_S, "UTC", "rollup") == week
+    # Without the recent requests, exactly the records of the two cut minutes are missing.
+    edges = stored_between(spans.start, spans.whole_start) + stored_between(spans.whole_end, spans.end, inclusive=True)
+    assert edges > 0
+    store.writer.command("TRUNCATE TABLE usage_recent_requests")
+    assert total() == week["metrics"]["total_requests"] - edges
+    # Without the minute rollup, also those of the partial hours; the rest are the whole hours.
+    partial_hours = stored_between(spans.whole_start, spans.hour_start) + stored_between(spans.hour_end, spans.whole_end)
+    assert partial_hours > 0
+    store.writer.command("TRUNCATE TABLE usage_by_org_1m")
+    assert total() == week["metrics"]["total_requests"] - edges - partial_hours == stored_between(spans.hour_start, spans.hour_end)
 
 
 def test_replayed_batch_counts_once_in_requests_and_every_rollup(make_app):
@@ -70,7 +86,7 @@ def test_rows_stored_before_the_rollups_existed_are_backfilled_once(make_app):
     app = make_app(models=CATALOG)
     ingest(app, records)
     store = runtime(app).store
-    for table in ROLLUPS:  # a database from before this schema file
+    for table in (*ROLLUPS, "usage_recent_requests"):  # a database from before this schema file
         store.writer.command(f"DROP VIEW {table}_mv")
         store.writer.command(f"DROP TABLE {table}")
     store.migrate()
@@ -83,10 +99,15 @@ def test_rows_stored_before_the_rollups_existed_are_backfilled_once(make_app):
     assert answers(app, "rollup") == answers(app, "raw")
 
 
-def test_rollups_expire_with_the_raw_rows(make_app):
-    store = runtime(make_app(clickhouse={"retention_days": 30})).store
-    for table in ROLLUPS:
-        assert "TTL toDateTime(minute) + toIntervalDay(30)" in store.writer.command(f"SHOW CREATE TABLE {table}")
-    store = runtime(make_app(clickhouse={"retention_days": 0})).store
-    for table in ROLLUPS:
-        assert "TTL" not in store.writer.command(f"SHOW CREATE TABLE {table}")
+def test_rollups_expire_with_the_raw_rows_and_recent_requests_after_8_days(make_app):
+    for days, recent_days in ((30, 8), (3, 3), (0, 8)):
+        store = runtime(make_app(clickhouse={"retention_days": days})).store
+        for table in ROLLUPS:
+            create = store.writer.command(f"SHOW CREATE TABLE {table}")
+            column = "hour" if table.endswith("_1h") else "minute"
+            assert (f"TTL toDateTime({column}) + toIntervalDay({days})" in create) == (days > 0), (table, days)
+            assert ("TTL" in create) == (days > 0)
+        create = store.writer.command("SHOW CREATE TABLE usage_recent_requests")
+        assert f"TTL toDateTime(timestamp) + toIntervalDay({recent_days})" in create
+        store.migrate()  # a restart keeps them
+        assert f"TTL toDateTime(timestamp) + toIntervalDay({recent_days})" in store.writer.command("SHOW CREATE TABLE usage_recent_requests")
