@@ -9,8 +9,12 @@ names and keys a ``Counter``/``Histogram`` child would use. That gives
 * one dict update per record plus one cell update per label set and batch (:meth:`observe_rows`);
 * in one process, an exposition written straight from the cells with the label text escaped once
   per label set (:meth:`render`);
-* in multiprocess mode, cells that are memory-mapped values, which prometheus-client's
-  ``MultiProcessCollector`` sums over workers like any counter or histogram of its own.
+* in multiprocess mode, cells backed by memory-mapped values, which prometheus-client's
+  ``MultiProcessCollector`` sums over workers like any counter or histogram of its own. Writing a
+  memory-mapped value costs a lock and a file write, several times a plain float; so batches update
+  plain floats and :meth:`sync` (each second, at every scrape, at shutdown) copies the changed ones
+  to the files. Another worker's scrape lags by at most that second; a worker killed outright loses
+  at most its last second of counts (its records are safe in the spool all the same).
 
 A registry sees the families through :meth:`collect` (prometheus-client's collector protocol), so
 ``registry.get_sample_value`` and the library's encoders read the same numbers.
@@ -76,12 +80,15 @@ def _encodable(value: str) -> str:
 
 
 class _Cell:
-    """A float for one process: updated only under :class:`UsageMetrics`' lock, once per batch."""
+    """A float updated only under :class:`UsageMetrics`' lock, once per batch; in multiprocess mode
+    also the memory-mapped value it is copied to by :meth:`UsageMetrics.sync`."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "shared", "synced")
 
-    def __init__(self, *_key: object) -> None:
+    def __init__(self, shared: object | None = None) -> None:
         self.value = 0.0
+        self.shared = shared
+        self.synced = 0.0
 
     def inc(self, amount: float) -> None:
         self.value += amount
@@ -116,10 +123,10 @@ class UsageMetrics:
         self.label_names = ("org", "model", "endpoint") + (("token_name",) if token_name_label else ())
         self.token_name_label = token_name_label
         self.max_series = max_series
-        # In multiprocess mode prometheus-client's memory-mapped values, so its MultiProcessCollector
-        # sums them over workers; in one process plain floats, since a batch is applied under one lock.
-        multiprocess = getattr(values.ValueClass, "_multiprocess", False)
-        self._value_class = values.ValueClass if multiprocess else _Cell
+        # prometheus-client's memory-mapped values in multiprocess mode, so its MultiProcessCollector
+        # sums them over workers.
+        self._shared_class = values.ValueClass if getattr(values.ValueClass, "_multiprocess", False) else None
+        self._dirty: set[_LabelSet] = set()
         self._key_of = attrgetter(*self.label_names, "status_code")
         self._series: dict[tuple[str, ...], _LabelSet] = {}
         self._sets: list[_LabelSet] = []  # in admission order, for exposition
@@ -127,11 +134,13 @@ class UsageMetrics:
         self._lock = threading.Lock()
 
     def cell(self, typ: str, family: str, sample: str, label_values: tuple[str, ...], extra: dict[str, str] | None = None):
-        """A value cell keyed exactly as a prometheus-client Counter/Histogram child's would be."""
+        """A value cell; its shared value is keyed exactly as a prometheus-client Counter/Histogram child's."""
+        if self._shared_class is None:
+            return _Cell()
         extra = extra or {}
-        return self._value_class(
+        return _Cell(self._shared_class(
             typ, family, sample, self.label_names + tuple(extra), label_values + tuple(extra.values()), HELP[family]
-        )
+        ))
 
     @property
     def label_sets(self) -> int:
@@ -165,6 +174,21 @@ class UsageMetrics:
         with self._lock:
             return self._apply(tally)
 
+    def sync(self) -> None:
+        """Multiprocess mode: copy the cells changed since the last sync to the shared files."""
+        if self._shared_class is None:
+            return
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            for series in dirty:
+                cells = [*series.requests.values(), series.failed, series.input_tokens, series.output_tokens]
+                if series.buckets is not None:
+                    cells += [*series.buckets, series.time_sum]
+                for cell in cells:
+                    if cell.value != cell.synced:
+                        cell.shared.set(cell.value)
+                        cell.synced = cell.value
+
     def _apply(self, tally: dict[tuple, list]) -> int:
         folded = 0
         series_of = self._series.get
@@ -184,6 +208,8 @@ class UsageMetrics:
                 series.input_tokens.inc(tokens_in)
             if tokens_out:
                 series.output_tokens.inc(tokens_out)
+            if self._shared_class is not None:
+                self._dirty.add(series)
             if time_sum or any(buckets):
                 for cell, n in zip(series.buckets or self._histogram_cells(series), buckets):
                     if n:

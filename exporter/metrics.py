@@ -7,9 +7,9 @@ labels and example queries.
 
 Under a multi-worker server (``exporter.wsgi``) prometheus-client runs in multiprocess mode: every
 worker writes its values to memory-mapped files in one directory and ``/metrics`` sums them,
-whichever worker answers. Gauges that describe one worker's state (its spool, its process) are
-then written by a refresher thread each second and summed over live workers; see
-:meth:`Metrics.start_refresh`.
+whichever worker answers. A refresher thread in each worker copies its usage counts (kept in plain
+floats on the hot path) and the gauges of its own state (its spool, its process) to those files
+each second; see :meth:`Metrics.start_refresh`.
 """
 
 from __future__ import annotations
@@ -200,6 +200,7 @@ class Metrics:
         """Write this worker's state gauges to its multiprocess files (no-op in one process)."""
         if not self.multiprocess:
             return
+        self.usage.sync()
         if self._backlog is not None:
             rows, size, age = self._backlog()
             self.spool_records.set(rows)
@@ -227,6 +228,7 @@ class Metrics:
         self._stop.set()
         if self._refresher is not None:
             self._refresher.join(timeout=5)
+        self.usage.sync()
         if self.multiprocess:
             multiprocess.mark_process_dead(os.getpid(), str(self.multiprocess_dir))
 

@@ -249,7 +249,9 @@ def test_gunicorn_workers_sum_into_one_scrape(gunicorn):
     used = [s for s in slots if sum(f.stat().st_size for f in s.glob("seg-*.log")) > 0]
     assert len(used) >= 2, f"the records all went to one worker ({len(slots)} slots)"
     # ...and every scrape, whichever worker answers, shows the sum.
-    wait_for(lambda: server.metric("usage_exporter_spool_records") == total, what="spool gauges refreshed")
+    # Workers copy their usage counts and gauges to the shared files each second.
+    wait_for(lambda: server.metric("usage_exporter_spool_records") == total and server.metric("llm_requests_total") == total,
+             what="every worker's counts in the shared files")
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: scripts/setup --test installs Debian's prometheus package"
     for _ in range(6):
