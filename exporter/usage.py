@@ -205,6 +205,7 @@ def _grouping_id(keys: Sequence[str], grouped: Sequence[str]) -> int:
     """ClickHouse's grouping(keys...): one bit per key, the first key highest, set when grouped away."""
     return sum(1 << (len(keys) - 1 - i) for i, key in enumerate(keys) if key not in grouped)
 
+
 _MEASURES = "requests, failed, rt_count, rt_sum_us, input_tokens, output_tokens"
 _RECENT_MEASURES = "1 AS requests, failed, rt_count, rt_sum_us, input_tokens, output_tokens"
 _RAW_MEASURES = (

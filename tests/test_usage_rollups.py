@@ -111,3 +111,23 @@ def test_rollups_expire_with_the_raw_rows_and_recent_requests_after_8_days(make_
         assert f"TTL toDateTime(timestamp) + toIntervalDay({recent_days})" in create
         store.migrate()  # a restart keeps them
         assert f"TTL toDateTime(timestamp) + toIntervalDay({recent_days})" in store.writer.command("SHOW CREATE TABLE usage_recent_requests")
+
+
+def test_schema_doc_example_queries_run_and_agree_with_the_api(make_app):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "schema.md").read_text()
+    queries = re.findall(r"```sql\n(.*?)```", text, flags=re.S)
+    assert len(queries) == 3
+    records = build_dataset(seed=24, now_ms=int(NOW_S * 1000), count=300, orgs=3)
+    for r in records[:40]:
+        r.update(org="acme", token_name="ci-token", status_code=503)
+    app = make_app(models=CATALOG)
+    ingest(app, records)
+    store = runtime(app).store
+    per_org, per_model, slowest = (store.query(q) for q in queries)
+    assert per_org and per_model and slowest
+    # The first example sums whole hours of the rollup: it counts what requests holds for those hours.
+    [(from_raw,)] = store.query("SELECT count() FROM requests WHERE timestamp >= toStartOfHour(now() - INTERVAL 7 DAY)")
+    assert sum(row[1] for row in per_org) == from_raw
