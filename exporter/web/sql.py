@@ -8,11 +8,16 @@ import re
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..app import runtime
-from ..storage import QueryRefused
+from ..storage import QueryRefused, StorageError
 
 bp = Blueprint("sql", __name__)
 
 _FORMAT = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}$")
+# A query that names its own FORMAT keeps it (Store.adhoc_sql), so the answer's type follows that one.
+_OWN_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z][A-Za-z0-9]*)\s*;?\s*$", re.IGNORECASE)
+# Formats whose whole output is one JSON document, even for zero rows; the JSON*EachRow and
+# JSONLines family write a line per row and go out as text.
+_JSON_DOCUMENTS = {"json", "jsoncompact", "jsonstrings", "jsoncompactstrings", "jsoncolumnswithmetadata"}
 
 
 def _is_loopback(address: str | None) -> bool:
@@ -46,12 +51,23 @@ def sql():
     query = _query_text()
     if not query:
         return _error(400, "Send the SQL as the body, or as {\"query\": \"...\"}.")
+    if "\x00" in query:
+        # The embedded engine reads the text as a C string: whatever follows a NUL would silently not run.
+        return _error(400, "The query must not contain NUL characters.")
     try:
         result = rt.store.adhoc_sql(query, fmt)
     except QueryRefused as exc:
         return _error(400, str(exc))
-    content_type = "application/json" if fmt.upper().startswith("JSON") and "EachRow" not in fmt else "text/plain; charset=utf-8"
-    return Response(result, content_type=content_type)
+    except StorageError:  # the server is away (its message names it, so the log has it from the writer)
+        return _error(503, "ClickHouse did not answer; try again shortly.")
+    own = _OWN_FORMAT.search(query)
+    if (own.group(1) if own else fmt).lower() not in _JSON_DOCUMENTS:
+        return Response(result, content_type="text/plain; charset=utf-8")
+    if not result.strip():
+        # chDB answers nothing instead of a syntax error for text it cannot start to read (e.g. a
+        # non-ASCII first letter); a statement that ran always prints a JSON document here.
+        return _error(400, "ClickHouse ran no statement: the text is not a query it could read.")
+    return Response(result, content_type="application/json")
 
 
 def _query_text() -> str:
