@@ -287,3 +287,15 @@ def test_gunicorn_workers_sum_into_one_scrape(gunicorn):
     multiproc = next((server.data_dir / "prometheus-multiproc").iterdir())
     assert server.stop() == 0
     assert not list(multiproc.glob("gauge_live*")), "stopped workers left live gauges behind"
+
+
+def test_gunicorn_stops_with_one_line_on_a_bad_config(tmp_path):
+    server = Gunicorn(tmp_path / "data", 2)
+    server.env["USAGE_EXPORTER_WRITER_BATCH_ROWS"] = "-5"
+    binary = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which("gunicorn")
+    done = subprocess.run([binary, "-w", "2", "-b", f"127.0.0.1:{server.port}", "exporter.wsgi:app"], cwd=REPO,
+                          env=server.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("usage-exporter:")]
+    assert errors and "writer.batch_rows" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
