@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from flask import Flask, jsonify
 from prometheus_client import CollectorRegistry
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from .access import ViewerDirectory
 from .admission import InflightBudget
@@ -115,6 +115,8 @@ def create_app(
         message = messages.get(exc.code or 500, exc.description or exc.name)
         response = jsonify(error=message)
         response.status_code = exc.code or 500
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:  # RFC 9110: a 405 names what is allowed
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response
 
     @app.errorhandler(Exception)

@@ -235,3 +235,16 @@ def test_sql_answers_are_what_their_content_type_says(make_app):
             assert isinstance(answer.get_json(), dict)
         else:
             assert answer.data.strip() in (b"1", b'{"one":1}'), query
+
+
+def test_an_undocumented_method_is_405_naming_the_documented_ones(make_app):
+    app = make_app()
+    client = app.test_client()
+    document = client.get("/openapi.json").get_json()
+    for path, operations in document["paths"].items():
+        for method in {"get", "post", "put", "delete", "patch"} - set(operations):
+            answer = client.open(path, method=method.upper())
+            assert answer.status_code == 405, (method, path)
+            assert set(answer.json) == {"error"}
+            allowed = {m.strip().lower() for m in answer.headers["Allow"].split(",")}
+            assert allowed - {"head", "options"} == set(operations), (method, path, allowed)
