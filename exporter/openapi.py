@@ -23,6 +23,8 @@ OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{name}"
 JSON_DIALECT = "https://spec.openapis.org/oas/3.1/dialect/base"
 NDJSON = "application/x-ndjson"
+# What exporter.web.ingest also reads as NDJSON (a test keeps the two equal).
+NDJSON_ALIASES = ("application/jsonl", "application/jsonlines", "application/ndjson", "application/x-jsonlines")
 
 # The contract's words for each record field (CONTRACT.md, POST /v1/requests).
 FIELD_DESCRIPTIONS = {
@@ -287,7 +289,8 @@ def _ingest_operation(config: Config) -> dict[str, Any]:
         "summary": "Store usage records",
         "description": (
             "One record per API request the gateway served: a JSON object, a JSON array of objects, or NDJSON "
-            f"(one object per line; blank lines are skipped). At most {config.ingest.max_records} records and "
+            f"(one object per line; blank lines are skipped; also read as {', '.join(NDJSON_ALIASES)}). "
+            f"At most {config.ingest.max_records} records and "
             f"{limit} bytes per body. A 202 answer means the accepted records are durable: a crash or a ClickHouse "
             "outage after the answer loses none of them."
         ),

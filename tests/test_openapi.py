@@ -17,7 +17,8 @@ from openapi_spec_validator import validate as validate_openapi
 
 from exporter import records
 from exporter.app import runtime
-from exporter.openapi import build_openapi
+from exporter.openapi import NDJSON, NDJSON_ALIASES, build_openapi
+from exporter.web.ingest import NDJSON_TYPES
 
 from .conftest import flush
 
@@ -79,6 +80,7 @@ def test_the_served_document_is_the_one_built_for_the_running_config(make_app):
     assert document == json.loads(json.dumps(build_openapi(runtime(app).config)))
     assert document["components"]["schemas"]["RecordBatch"]["maxItems"] == 777
     assert "123456 bytes" in document["paths"]["/v1/requests"]["post"]["responses"]["413"]["description"]
+    assert {NDJSON, *NDJSON_ALIASES} == NDJSON_TYPES  # every NDJSON type ingest reads is named
     served = {(path, method) for path, ops in document["paths"].items() for method in ops}
     routed = {(rule.rule, method.lower()) for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}
               if rule.endpoint != "static"}
