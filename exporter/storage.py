@@ -260,7 +260,9 @@ class Store:
             return set()
         result = self.writer.query(
             f"SELECT DISTINCT request_id FROM {self.database}.{REQUEST_IDS_TABLE} "
-            "WHERE request_id IN {ids:Array(String)}",
+            # A subquery over arrayJoin, not a literal IN-list: chDB plans a 50,000-id literal
+            # list slowly (seconds to a minute), the subquery in a fraction of a second.
+            "WHERE request_id IN (SELECT arrayJoin({ids:Array(String)}))",
             parameters={"ids": list(request_ids)},
         )
         return {row[0] for row in result.result_rows}
