@@ -334,8 +334,8 @@ class AqueductImporter:
         self._random = random.Random()
 
     def _drop_stored(self, payload: bytes) -> tuple[bytes, int]:
-        """Remove the lines whose request_id the store already holds; asked in slices, because one
-        ClickHouse query with an IN-list of 50,000 ids took a minute where five of 10,000 take 0.3 s."""
+        """Remove the lines whose request_id the store already holds, asked in slices of 10,000 ids:
+        the lookup's cost grows faster than its list (25,000 ids 0.26 s, 100,000 ids 2.7 s)."""
         ids = _request_ids(payload)
         wanted = [rid.decode() for rid in ids]
         stored: set[str] = set()
