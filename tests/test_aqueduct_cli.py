@@ -19,7 +19,7 @@ from .pg_support import postgres_cluster  # noqa: F401  (the session fixture)
 from .test_aqueduct_import import seed_gateway
 
 
-def cli(*args: str, **popen: object) -> list[str]:
+def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "exporter.cli", *args]
 
 
