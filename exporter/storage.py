@@ -190,15 +190,18 @@ class Store:
                 self._reader = client
             return self._reader
 
-    def migrate(self) -> None:
-        """Apply the schema (idempotent), the retention TTL, and the model catalog."""
+    def migrate(self, catalog: bool = True) -> None:
+        """Apply the schema (idempotent), the retention TTL, and (unless ``catalog`` is False) the
+        model catalog. Tools that only add rows (importers) leave the catalog to serve/migrate,
+        which run with the deployment's config."""
         config = self.config
         writer = self.writer
         try:
             for statement in schema_statements(self.database, config.clickhouse.retention_days):
                 writer.command(statement)
             self._apply_retention(config.clickhouse.retention_days)
-            self.sync_models(config.models)
+            if catalog:
+                self.sync_models(config.models)
         except STORAGE_ERRORS as exc:
             raise StorageError(f"cannot apply the schema to {self.target.display}: {_first_line(exc)}") from None
         writer.database = self.database

@@ -539,7 +539,7 @@ def run_command(config: Config, args: argparse.Namespace, stop: threading.Event 
     source.connect()
     store = Store(config)
     try:
-        store.migrate()  # the first use opens the store
+        store.migrate(catalog=False)  # the first use opens the store
     except StorageError as exc:
         store.close()
         source.close()
