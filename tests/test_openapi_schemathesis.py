@@ -80,7 +80,7 @@ def test_schemathesis_finds_no_server_error_no_nonconformance_and_no_stored_reje
     )
     acknowledged: list[tuple[str, Any]] = []
 
-    @settings(max_examples=150, deadline=None, database=None,
+    @settings(max_examples=120, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
     @given(case=cases)
     def exercise(case) -> None:
