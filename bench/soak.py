@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ok, first, last = flat([float(s.fds - s.proc_fds) for s in counted], 0.25)
     checks.append((f"open files (sockets, spool, parts) flat: last quarter {last:.0f} vs first {first:.0f} (+25% allowed)", ok))
     # ClickHouse keeps three statistics files open per thread that ran a query: bounded by the threads.
-    checks.append((f"per-thread /proc files bounded by the threads: at most {max(s.proc_fds for s in counted)}, "
-                   f"3 x {max(s.threads for s in counted)} threads", all(s.proc_fds <= 3 * s.threads for s in counted)))
+    bounded = f"at most {max(s.proc_fds for s in counted)}, 3 x {max(s.threads for s in counted)} threads"
+    checks.append((f"per-thread /proc files bounded by the threads: {bounded}", all(s.proc_fds <= 3 * s.threads for s in counted)))
     ok, first, last = flat([float(s.threads) for s in counted], 0.10)
     checks.append((f"threads flat: last quarter {last:.0f} vs first {first:.0f}", ok))
     disk_bound = 2 * args.segment_mb + 1
