@@ -28,7 +28,12 @@ from schemathesis.specs.openapi.checks import (
 
 from exporter.app import runtime
 
-from .record_model import assert_stored_exactly, expected_row, first_of_each_request_id, stored_rows
+from .record_model import (
+    assert_stored_exactly,
+    expected_row,
+    first_of_each_request_id,
+    stored_rows,
+)
 
 ADMIN = "schemathesis-admin-key"
 INGEST = "schemathesis-ingest-token"
