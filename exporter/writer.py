@@ -87,6 +87,8 @@ class Writer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._random = random.Random()
+        # One batch at a time, whoever sends it: the thread, or drain() at shutdown or in tests.
+        self._send_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="usage-exporter-writer", daemon=True)
@@ -94,6 +96,10 @@ class Writer:
 
     def flush_once(self, force: bool = False) -> int:
         """Send one batch if one is due (or ``force``); return the rows stored. Raises on failure."""
+        with self._send_lock:
+            return self._flush_locked(force)
+
+    def _flush_locked(self, force: bool) -> int:
         if not force and self.spool.in_flight is None:
             due = self.spool.pending_rows >= self.batch_rows or self.spool.oldest_age() >= self.max_age_s
             if not due:

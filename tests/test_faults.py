@@ -8,6 +8,7 @@ put on a real, tiny tmpfs to fill its disk; and a server DSN on a closed port is
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -222,3 +223,50 @@ def test_bodies_beyond_the_inflight_budget_are_refused_at_once(make_app):
         rt.inflight.release(9_000)
     assert client.post("/v1/requests", json=[record] * 30).status_code == 202
     assert rt.inflight.used == 0
+
+
+
+class RendezvousSink:
+    """Holds the first insert for up to a second, so that a second sender of the same batch meets it."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.calls = 0
+        self.tokens: list[str] = []
+        self.second = threading.Event()
+        self.lock = threading.Lock()
+
+    def insert_rows(self, payload: bytes, dedup_token: str) -> None:
+        with self.lock:
+            self.calls += 1
+            first = self.calls == 1
+            self.tokens.append(dedup_token)
+        if first:
+            self.second.wait(1.0)
+        else:
+            self.second.set()
+        self.store.insert_rows(payload, dedup_token)
+
+    def existing_request_ids(self, request_ids):
+        return self.store.existing_request_ids(request_ids)
+
+
+def test_drain_while_the_writer_thread_runs_sends_each_batch_once(make_app):
+    # drain() (shutdown, tests) and the writer thread must never send and commit the same batch
+    # twice: a double commit under-counts the backlog and strands the records behind it.
+    app = make_app(writer={"batch_rows": 20, "max_age_s": 0.001, "retry_initial_s": 0.01, "retry_max_s": 0.05})
+    rt = runtime(app)
+    rt.writer.sink = RendezvousSink(rt.store)
+    client = app.test_client()
+    first, second = records("first", 25, with_ids=False), records("second", 25, with_ids=False)
+    assert client.post("/v1/requests", json=first).status_code == 202
+    rt.writer.start()
+    wait_until(lambda: rt.writer.sink.calls == 1)  # the thread holds the first batch in its insert
+    assert client.post("/v1/requests", json=second).status_code == 202
+    drainer = threading.Thread(target=rt.writer.drain, args=(time.monotonic() + 30,))
+    drainer.start()
+    drainer.join()
+    stop(app)
+    assert rt.writer.drain(time.monotonic() + 30)
+    assert len(rt.writer.sink.tokens) == len(set(rt.writer.sink.tokens)), "a batch was sent twice"
+    assert sorted(stored_users(app)) == sorted(r["user_id"] for r in first + second)
