@@ -320,6 +320,10 @@ def fmt_ms(value: tuple[float, float] | None) -> str:
     return f"{value[0]:.0f} / {value[1]:.0f}" if value[0] >= 10 else f"{value[0]:.1f} / {value[1]:.1f}"
 
 
+def ratio(value: float) -> str:
+    return f"{value:.1f}x" if value < 10 else f"{value:.0f}x"
+
+
 def human(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -393,14 +397,15 @@ def bench_one(rows: int, args, work: Path, cluster) -> list[str]:
     rt.spool.close()
     store.close()
     lines = [f"| {rows:,} | {label} | {fmt_ms(r['exporter'])} | {fmt_ms(r['plain'])} | {fmt_ms(r.get('postgres'))} | "
-             + (f"{r['postgres'][0] / r['exporter'][0]:.0f}x" if r.get("postgres") else "–") + " |"
+             + (ratio(r["postgres"][0] / r["exporter"][0]) if r.get("postgres") else "–") + " |"
              for label, r in results.items()]
-    rollup_bytes = sum(sizes.get(t, (0, 0))[1] for t in ("usage_by_org_1m", "usage_by_token_1m", "usage_by_user_1m"))
-    raw_bytes = sizes.get("requests", (0, 0))[1] + sizes.get("request_ids", (0, 0))[1]
-    size_line = (f"| {rows:,} | requests {human(sizes['requests'][1])} + request_ids {human(sizes.get('request_ids', (0, 0))[1])}; rollups "
-                 + ", ".join(f"{t.removeprefix('usage_by_')} {sizes.get(t, (0, 0))[0]:,} rows {human(sizes.get(t, (0, 0))[1])}"
-                             for t in ("usage_by_org_1m", "usage_by_token_1m", "usage_by_user_1m"))
-                 + f" (+{100 * rollup_bytes / max(raw_bytes, 1):.0f} %) | "
+    rollups = ("usage_by_org_1m", "usage_by_token_1m", "usage_by_user_1m", "usage_by_org_1h", "usage_by_token_1h",
+               "usage_by_user_1h", "usage_recent_requests")
+    raw_bytes = sizes["requests"][1] + sizes.get("request_ids", (0, 0))[1]
+    rollup_bytes = sum(sizes.get(t, (0, 0))[1] for t in rollups)
+    size_line = (f"| {rows:,} | {human(sizes['requests'][1])} | {human(sizes.get('request_ids', (0, 0))[1])} | "
+                 + " | ".join(f"{human(sizes.get(t, (0, 0))[1])} ({sizes.get(t, (0, 0))[0]:,})" for t in rollups)
+                 + f" | {human(rollup_bytes)} (+{100 * rollup_bytes / max(raw_bytes, 1):.0f} %) | "
                  + (human(pg_size) if pg_size else "–") + " |")
     if not args.keep:
         shutil.rmtree(work / f"chdb-{rows}", ignore_errors=True)
@@ -439,8 +444,9 @@ def main() -> None:
         if not line.startswith("SIZE"):
             print(line)
     print()
-    print("| rows | ClickHouse on disk | PostgreSQL on disk |")
-    print("| ---: | --- | ---: |")
+    print("On disk (rows in parentheses):")
+    print("| rows | requests | request_ids | org_1m | token_1m | user_1m | org_1h | token_1h | user_1h | recent_requests | all usage tables | PostgreSQL |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for line in lines:
         if line.startswith("SIZE"):
             print(line[4:])

@@ -11,7 +11,9 @@
 -- Tiers: whole UTC hours come from the *_1h tables, the whole minutes of the partial hours from
 -- the *_1m tables, the partial minutes from usage_recent_requests (exporter/usage.py).
 -- Reads must sum() the measures (rows of one key merge only eventually); never read them with
--- plain column values. Granules of 1024 rows: a scope reads one short time range per token. The retention TTL (clickhouse.retention_days) is applied by the exporter
+-- plain column values. Small granules (1024 rows) and small compressed blocks (8-64 KiB): a
+-- scope reads short time ranges, one per org or token, and ClickHouse decompresses whole blocks,
+-- so 1 MiB blocks would cost a megabyte per column and range (about 10 % more disk). The retention TTL (clickhouse.retention_days) is applied by the exporter
 -- on the minute column (exporter/storage.py RETAINED_TABLES).
 
 -- Per org, model and endpoint: the "all organizations" view and one org's metrics.
@@ -31,7 +33,7 @@ CREATE TABLE IF NOT EXISTS ${database}.usage_by_org_1m
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(minute)
 ORDER BY (org, minute, model, endpoint)
-SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024, min_compress_block_size = 8192, max_compress_block_size = 65536
 COMMENT 'Requests per minute, org, model and endpoint (rollup of requests; sum() the measures)';
 
 -- Per token (with its owner and service account): one org's top tokens.
@@ -55,7 +57,7 @@ CREATE TABLE IF NOT EXISTS ${database}.usage_by_token_1m
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(minute)
 ORDER BY (org, token_name, minute, model, endpoint, token_owner, service_account)
-SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024, min_compress_block_size = 8192, max_compress_block_size = 65536
 COMMENT 'Requests per minute, org, token, model and endpoint (rollup of requests; sum() the measures)';
 
 -- Every dimension the usage page filters or groups by: one token's top user ids, and everything a
@@ -82,7 +84,7 @@ CREATE TABLE IF NOT EXISTS ${database}.usage_by_user_1m
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(minute)
 ORDER BY (org, token_name, minute, user_id, model, endpoint, token_owner, service_account, team)
-SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024, min_compress_block_size = 8192, max_compress_block_size = 65536
 COMMENT 'Requests per minute, org, token, user id, model, endpoint, owner and team (rollup of requests; sum() the measures)';
 
 -- Per org, per UTC hour: the whole hours of 1d and 1w windows over all orgs.
@@ -102,10 +104,11 @@ CREATE TABLE IF NOT EXISTS ${database}.usage_by_org_1h
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (org, hour, model, endpoint)
-SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024, min_compress_block_size = 8192, max_compress_block_size = 65536
 COMMENT 'Requests per UTC hour, org, model and endpoint (rollup of requests; sum() the measures)';
 
--- Per token, per UTC hour: the whole hours of one org's 1d and 1w windows.
+-- Per token, per UTC hour: the whole hours of one org's 1d and 1w windows. Ordered by hour before
+-- token: its one reader wants every token of an org for a range of hours.
 CREATE TABLE IF NOT EXISTS ${database}.usage_by_token_1h
 (
     org             LowCardinality(String) COMMENT 'Organization',
@@ -125,8 +128,8 @@ CREATE TABLE IF NOT EXISTS ${database}.usage_by_token_1h
 )
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
-ORDER BY (org, token_name, hour, model, endpoint, token_owner, service_account)
-SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024
+ORDER BY (org, hour, token_name, model, endpoint, token_owner, service_account)
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024, min_compress_block_size = 8192, max_compress_block_size = 65536
 COMMENT 'Requests per UTC hour, org, token, model and endpoint (rollup of requests; sum() the measures)';
 
 -- Every dimension, per UTC hour: the whole hours of one token's and of a user key's 1d and 1w windows.
@@ -152,7 +155,7 @@ CREATE TABLE IF NOT EXISTS ${database}.usage_by_user_1h
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (org, token_name, hour, user_id, model, endpoint, token_owner, service_account, team)
-SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024, min_compress_block_size = 8192, max_compress_block_size = 65536
 COMMENT 'Requests per UTC hour, org, token, user id, model, endpoint, owner and team (rollup of requests; sum() the measures)';
 
 -- The last 8 days of requests, one row each, ordered by time: the partial minutes at a window's
@@ -181,7 +184,7 @@ PARTITION BY toYYYYMM(timestamp)
 ORDER BY timestamp
 TTL toDateTime(timestamp) + toIntervalDay(8)
 -- Small granules: every read is two short time ranges.
-SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 1024, min_compress_block_size = 8192, max_compress_block_size = 65536
 COMMENT 'The last 8 days of requests ordered by time, for the partial minutes at the usage windows'' edges';
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${database}.usage_by_org_1m_mv TO ${database}.usage_by_org_1m
