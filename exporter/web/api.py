@@ -4,6 +4,7 @@ the numbers come from :mod:`exporter.usage`."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -33,7 +34,7 @@ class UsageParams:
     top: int
 
 
-def _name(args, key: str, what: str) -> str | None:
+def _name(args: Mapping[str, str], key: str, what: str) -> str | None:
     value = args.get(key)
     if value is None:
         return None
@@ -42,7 +43,8 @@ def _name(args, key: str, what: str) -> str | None:
     return value
 
 
-def parse_params(args) -> UsageParams:
+def parse_params(args: Mapping[str, str]) -> UsageParams:
+    """The query string as a usage request; BadParameter names the first unusable value."""
     timeframe = args.get("timeframe", "1d")
     if timeframe not in TIMEFRAMES:
         raise BadParameter(f"timeframe must be one of {', '.join(TIMEFRAMES)}.")
