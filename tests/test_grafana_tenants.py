@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def test_every_statement_parses_in_clickhouse_and_keeps_the_org_exact(make_app) 
 
 def test_the_policy_condition_selects_exactly_one_orgs_rows(make_app) -> None:
     app = make_app()
-    records = [{"timestamp": 1_790_000_000 + i, "org": org, "model": "m", "status_code": 200}
+    # An hour ago: inside every table's window, usage_recent_requests' 8 days included.
+    now = int(time.time())
+    records = [{"timestamp": now - 3600 + i, "org": org, "model": "m", "status_code": 200}
                for i, org in enumerate(AWKWARD * 3)]
     assert app.test_client().post("/v1/requests", json=records).status_code == 202
     flush(app)
