@@ -144,10 +144,6 @@ class ParsedBody:
     rows: list[RowLike]
     rejected: list[Rejection]
 
-    @property
-    def total(self) -> int:
-        return len(self.rows) + len(self.rejected)
-
 
 _record_decoder = msgspec.json.Decoder(Record)
 _array_decoder = msgspec.json.Decoder(list[msgspec.Raw])
@@ -222,10 +218,3 @@ def parse_body(body: bytes, ndjson: bool, max_records: int) -> ParsedBody:
 def encode_rows(rows: Sequence[RowLike]) -> bytes:
     """The rows as ``JSONEachRow`` lines, the form the spool keeps and ClickHouse reads."""
     return b"".join(_row_encoder.encode(row) + b"\n" for row in rows)
-
-
-def decode_rows(payload: bytes) -> list[Row]:
-    return [_row_decoder.decode(line) for line in payload.splitlines() if line]
-
-
-_row_decoder = msgspec.json.Decoder(Row)
