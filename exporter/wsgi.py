@@ -1,6 +1,6 @@
 """WSGI entry point for multi-worker servers::
 
-    gunicorn -w 4 -k gthread --threads 8 -b 0.0.0.0:8080 'exporter.wsgi:app'
+    gunicorn -c python:exporter.gunicorn_conf -w 4 -b 0.0.0.0:8080 'exporter.wsgi:app'
 
 Every worker process imports this module and builds its own app from the configuration
 (``USAGE_EXPORTER_CONFIG`` and ``USAGE_EXPORTER_*``, as for ``usage-exporter serve``): its own

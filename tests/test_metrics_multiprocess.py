@@ -129,7 +129,7 @@ def test_multiprocess_exposition_equals_prometheus_client(tmp_path):
 
 
 class Gunicorn:
-    """``gunicorn -w N -k gthread 'exporter.wsgi:app'`` on a loopback port."""
+    """``gunicorn -c python:exporter.gunicorn_conf -w N 'exporter.wsgi:app'`` on a loopback port."""
 
     def __init__(self, data_dir: Path, workers: int) -> None:
         self.data_dir = data_dir
@@ -152,7 +152,7 @@ class Gunicorn:
         assert binary, "gunicorn is missing: it is in the test extras"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [binary, "-w", str(self.workers), "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{self.port}",
+            [binary, "-c", "python:exporter.gunicorn_conf", "-w", str(self.workers), "--threads", "4", "-b", f"127.0.0.1:{self.port}",
              "--graceful-timeout", "10", "exporter.wsgi:app"],
             cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
@@ -289,13 +289,30 @@ def test_gunicorn_workers_sum_into_one_scrape(gunicorn):
     assert not list(multiproc.glob("gauge_live*")), "stopped workers left live gauges behind"
 
 
-def test_gunicorn_stops_with_one_line_on_a_bad_config(tmp_path):
+def _gunicorn_with_bad_config(tmp_path, *args: str) -> subprocess.CompletedProcess:
     server = Gunicorn(tmp_path / "data", 2)
     server.env["USAGE_EXPORTER_WRITER_BATCH_ROWS"] = "-5"
     binary = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which("gunicorn")
-    done = subprocess.run([binary, "-w", "2", "-b", f"127.0.0.1:{server.port}", "exporter.wsgi:app"], cwd=REPO,
+    return subprocess.run([binary, *args, "-b", f"127.0.0.1:{server.port}", "exporter.wsgi:app"], cwd=REPO,
                           env=server.env, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
+
+
+def test_gunicorn_stops_with_one_line_on_a_bad_config(tmp_path):
+    # The documented command: the master checks the configuration before it forks any worker.
+    done = _gunicorn_with_bad_config(tmp_path, "-c", "python:exporter.gunicorn_conf", "-w", "4")
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("usage-exporter:")]
+    assert len(errors) == 1 and "writer.batch_rows" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Booting worker" not in done.stderr, "a worker was forked before the configuration was checked"
+
+
+def test_a_worker_with_a_bad_config_halts_gunicorn_without_the_settings_module(tmp_path):
+    # Without exporter.gunicorn_conf the worker itself exits with gunicorn's boot-error code, which
+    # halts the server instead of respawning the worker forever. (One worker: with several,
+    # gunicorn's arbiter raises a second time while halting; the settings module avoids that.)
+    done = _gunicorn_with_bad_config(tmp_path, "-w", "1")
+    assert done.returncode == 3, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("usage-exporter:")]
     assert errors and "writer.batch_rows" in errors[0], done.stderr
     assert "Traceback" not in done.stderr
