@@ -155,7 +155,8 @@ class Writer:
         return self._random.uniform(self.retry_initial_s / 2, max(ceiling, self.retry_initial_s / 2))
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        # A closed spool has nothing more to give (its wait returns at once): stop, don't spin.
+        while not self._stop.is_set() and not self.spool.closed:
             if self.spool.pending_rows == 0 and self.spool.in_flight is None:
                 self.spool.wait_for_data(timeout=self.max_age_s)
                 continue

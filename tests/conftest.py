@@ -69,6 +69,7 @@ def make_app(make_config):
 
     yield build
     for rt in built:
+        rt.writer.stop_thread()  # a test may have started it
         if not rt.spool.closed:
             rt.spool.close()
         rt.store.close()

@@ -270,3 +270,20 @@ def test_drain_while_the_writer_thread_runs_sends_each_batch_once(make_app):
     assert rt.writer.drain(time.monotonic() + 30)
     assert len(rt.writer.sink.tokens) == len(set(rt.writer.sink.tokens)), "a batch was sent twice"
     assert sorted(stored_users(app)) == sorted(r["user_id"] for r in first + second)
+
+
+def test_a_writer_whose_spool_is_closed_stops_instead_of_spinning(make_app):
+    # A closed spool's wait returns at once; a writer that kept looping on it held the GIL and a
+    # core until the process ended.
+    app = make_app(writer={"max_age_s": 1})
+    rt = runtime(app)
+    rt.writer.start()
+    assert client_post_ok(app)
+    flush(app)
+    rt.spool.close()
+    rt.writer._thread.join(timeout=5)  # it may be waiting out max_age_s first
+    assert not rt.writer.alive, "the writer thread kept running on a closed spool"
+
+
+def client_post_ok(app) -> bool:
+    return app.test_client().post("/v1/requests", json=records("closed", 3)).status_code == 202
