@@ -5,7 +5,8 @@ Measures in one run:
       end-to-end rate until the last record is in ClickHouse;
   (b) requests/s and p50/p99 latency for single-record POSTs;
   (c) the ceiling: the same records inserted directly with clickhouse-connect into the same
-      embedded store (client.insert of Python rows, and raw JSONEachRow), and the ratio (a)/(c);
+      embedded store (client.insert of Python rows, and raw JSONEachRow with the writer's settings and with
+      ClickHouse's defaults), and the ratio (a)/(c);
   and peak RSS, sampled over a sustained run (--rss-seconds, default 120).
 
 Usage: .venv/bin/python bench/ingest.py [--seconds 20] [--rss-seconds 120]
@@ -134,11 +135,13 @@ def ceiling(data_dir: Path, records: list[dict], total: int) -> dict:
     """Insert ``total`` copies of the records straight into ``requests`` of the same embedded store.
 
     The same table the exporter writes, materialized views (request ids, usage rollups) included,
-    so the ratio measures the exporter's own overhead and not a cheaper table.
+    with the writer's insert settings, so the ratio measures the exporter's own overhead and not a
+    cheaper table.
     """
     import clickhouse_connect
 
     from exporter.records import Record, encode_rows
+    from exporter.storage import REQUESTS_INSERT_SETTINGS
     import msgspec
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}")
@@ -156,18 +159,28 @@ def ceiling(data_dir: Path, records: list[dict], total: int) -> dict:
     started = time.perf_counter()
     inserted = 0
     while inserted < total:
-        client.insert("llm_usage.requests", python_rows, column_names=columns)
+        client.insert("llm_usage.requests", python_rows, column_names=columns, settings=dict(REQUESTS_INSERT_SETTINGS))
         inserted += len(python_rows)
     native = inserted / (time.perf_counter() - started)
     payload = encode_rows(rows)
-    started = time.perf_counter()
-    inserted = 0
-    while inserted < total:
-        client.raw_insert("llm_usage.requests", None, payload, fmt="JSONEachRow")
-        inserted += len(rows)
-    raw = inserted / (time.perf_counter() - started)
+    # The writer's settings against ClickHouse's defaults, alternated in rounds so that both see
+    # the same neighbours and the same table size.
+    raw_elapsed = {"writer": 0.0, "defaults": 0.0}
+    raw_rows = {"writer": 0, "defaults": 0}
+    variants = {"writer": dict(REQUESTS_INSERT_SETTINGS), "defaults": {"max_partitions_per_insert_block": 0}}
+    for _ in range(4):
+        for name, settings in variants.items():
+            started = time.perf_counter()
+            inserted = 0
+            while inserted < total // 4:
+                client.raw_insert("llm_usage.requests", None, payload, fmt="JSONEachRow", settings=settings)
+                inserted += len(rows)
+            raw_elapsed[name] += time.perf_counter() - started
+            raw_rows[name] += inserted
     client.close()
-    return {"insert_rows_per_s": native, "raw_jsoneachrow_rows_per_s": raw}
+    return {"insert_rows_per_s": native,
+            "raw_jsoneachrow_rows_per_s": raw_rows["writer"] / raw_elapsed["writer"],
+            "raw_defaults_rows_per_s": raw_rows["defaults"] / raw_elapsed["defaults"]}
 
 
 def main() -> None:
@@ -243,6 +256,9 @@ def main() -> None:
     print(f"| (b) single-record latency p50 / p99 | {results['single']['p50_ms']:.2f} / {results['single']['p99_ms']:.2f} ms |")
     print(f"| (c) ceiling: clickhouse-connect `insert` of the same rows | {c:,.0f} rows/s |")
     print(f"| (c') ceiling: clickhouse-connect `raw_insert` JSONEachRow | {c_raw:,.0f} rows/s |")
+    c_defaults = results["ceiling"]["raw_defaults_rows_per_s"]
+    print(f"| (c'') the same with ClickHouse's default insert settings (optimize_on_insert=1) | {c_defaults:,.0f} rows/s |")
+    print(f"| (c')/(c''): what the writer's insert settings gain | {c_raw / c_defaults:.2f} |")
     print(f"| (a)/(c) | {a / c:.2f} |")
     print(f"| (a)/(c') | {a / c_raw:.2f} |")
     print(f"| RSS over {args.rss_seconds} s sustained load: first / peak / last sample | {rss[0] / 1024:.0f} / {max(rss) / 1024:.0f} / {rss[-1] / 1024:.0f} MiB |")

@@ -154,6 +154,18 @@ def _split_statements(text: str) -> Iterable[str]:
             yield chunk.strip()
 
 
+# Settings of every insert into ``requests`` (the writer's and the importer's).
+REQUESTS_INSERT_SETTINGS: Mapping[str, Any] = {
+    # A batch may span any of the ~1200 months validation allows (backfills do); past the default
+    # cap of 100 partitions per block ClickHouse would refuse it on every retry.
+    "max_partitions_per_insert_block": 0,
+    # The rollups' and request_ids' engines would merge the rows of a key inside the insert;
+    # background merges do that anyway and every read sums or DISTINCTs, so leaving it to them
+    # makes the insert cheaper (docs/benchmarks.md).
+    "optimize_on_insert": 0,
+}
+
+
 class Store:
     """The store: a writer client, a reader client, and (lazily) a read-only ad-hoc SQL client."""
 
@@ -246,16 +258,16 @@ class Store:
             self.writer.insert(table, [list(pair) for pair in missing], column_names=["model", "endpoint"])
         log.info("model catalog holds %d models", len(names))
 
-    def insert_rows(self, payload: bytes, dedup_token: str) -> None:
-        """Insert ``JSONEachRow`` lines into ``requests``; a repeated token is dropped by ClickHouse."""
+    def insert_rows(self, payload: bytes, dedup_token: str, fmt: str = "JSONEachRow",
+                    column_names: Sequence[str] | None = None) -> None:
+        """Insert rows (``JSONEachRow`` lines, or ``fmt`` in ``column_names`` order) into ``requests``;
+        a repeated token is dropped by ClickHouse, in the rollups too."""
         self.writer.raw_insert(
             f"{self.database}.{REQUESTS_TABLE}",
-            None,
+            list(column_names) if column_names else None,
             payload,
-            fmt="JSONEachRow",
-            # A batch may span any of the ~1200 months validation allows (backfills do); past the
-            # default cap of 100 partitions per block ClickHouse would refuse it on every retry.
-            settings={"insert_deduplication_token": dedup_token, "max_partitions_per_insert_block": 0},
+            fmt=fmt,
+            settings={"insert_deduplication_token": dedup_token, **REQUESTS_INSERT_SETTINGS},
         )
 
     def existing_request_ids(self, request_ids: Sequence[str]) -> set[str]:

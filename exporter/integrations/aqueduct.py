@@ -38,7 +38,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -241,8 +241,7 @@ class Sink(Protocol):
 
     database: str
 
-    @property
-    def writer(self) -> Any: ...
+    def insert_rows(self, payload: bytes, dedup_token: str, fmt: str = ..., column_names: Sequence[str] | None = ...) -> None: ...
 
     def existing_request_ids(self, request_ids: list[str]) -> set[str]: ...
 
@@ -250,18 +249,8 @@ class Sink(Protocol):
 
 
 def insert_tsv(store: Sink, payload: bytes, dedup_token: str) -> None:
-    """Insert TabSeparated rows in :data:`COLUMNS` order into ``requests``, the way Store.insert_rows
-    inserts JSONEachRow: with a de-duplication token (a retried chunk is dropped, in the rollups too,
-    by the writer client's settings) and no cap on the months one block may span (backfills do)."""
-    from ..storage import REQUESTS_TABLE
-
-    store.writer.raw_insert(
-        f"{store.database}.{REQUESTS_TABLE}", list(COLUMNS), payload, fmt="TabSeparated",
-        # optimize_on_insert=0: the rollups' and request_ids' engines merge rows of a key in the
-        # background instead of inside this insert (reads sum() and DISTINCT them anyway); a third
-        # faster on a backfill (docs/benchmarks.md).
-        settings={"insert_deduplication_token": dedup_token, "max_partitions_per_insert_block": 0, "optimize_on_insert": 0},
-    )
+    """Insert TabSeparated rows in :data:`COLUMNS` order into ``requests``, as the writer inserts."""
+    store.insert_rows(payload, dedup_token, fmt="TabSeparated", column_names=COLUMNS)
 
 
 def _request_ids(payload: bytes) -> list[bytes]:
