@@ -16,6 +16,7 @@ Needs wrk (Debian package `wrk`; installed by this script when missing and runni
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import requests
@@ -135,49 +137,59 @@ def ceiling(data_dir: Path, records: list[dict], total: int) -> dict:
     """Insert ``total`` copies of the records straight into ``requests`` of the same embedded store.
 
     The same table the exporter writes, materialized views (request ids, usage rollups) included,
-    with the writer's insert settings, so the ratio measures the exporter's own overhead and not a
-    cheaper table.
+    with the writer's client and insert settings, so the ratio measures the exporter's own overhead
+    and not a cheaper table.
     """
+    from datetime import datetime, timezone
+
     import clickhouse_connect
+    import msgspec
 
     from exporter.records import Record, encode_rows
     from exporter.storage import REQUESTS_INSERT_SETTINGS
-    import msgspec
 
-    client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}")
+    client = clickhouse_connect.get_client(dsn=f"chdb://{data_dir / 'clickhouse'}",
+                                           settings={"deduplicate_blocks_in_dependent_materialized_views": 1})
     rows = [msgspec.convert(r, Record) for r in records]
     columns = list(Row.__struct_fields__)
-    python_rows = []
-    for row in rows:
-        values = [getattr(row, c) for c in columns]
-        python_rows.append(values)
-    # client.insert wants native values: DateTime64 as datetime.
-    from datetime import datetime, timezone
-
-    for values in python_rows:
+    python_rows = [[getattr(row, c) for c in columns] for row in rows]
+    for values in python_rows:  # client.insert wants native values: DateTime64 as datetime
         values[0] = datetime.strptime(values[0], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc)
+    payload = encode_rows(rows)
+    # Every block carries its own de-duplication token, as the writer's batches do: the same rows
+    # inserted again without one would be dropped as a repeated block (the table keeps a
+    # de-duplication window), and the ceiling would time inserts that write nothing.
+    blocks = itertools.count()
+
+    def settings(base: Mapping[str, object]) -> dict:
+        return dict(base) | {"insert_deduplication_token": f"ceiling-{next(blocks)}"}
+
+    def stored() -> int:
+        return client.query("SELECT count() FROM llm_usage.requests").result_rows[0][0]
+
+    before = stored()
     started = time.perf_counter()
     inserted = 0
     while inserted < total:
-        client.insert("llm_usage.requests", python_rows, column_names=columns, settings=dict(REQUESTS_INSERT_SETTINGS))
+        client.insert("llm_usage.requests", python_rows, column_names=columns, settings=settings(REQUESTS_INSERT_SETTINGS))
         inserted += len(python_rows)
     native = inserted / (time.perf_counter() - started)
-    payload = encode_rows(rows)
     # The writer's settings against ClickHouse's defaults, alternated in rounds so that both see
     # the same neighbours and the same table size.
-    raw_elapsed = {"writer": 0.0, "defaults": 0.0}
-    raw_rows = {"writer": 0, "defaults": 0}
-    variants = {"writer": dict(REQUESTS_INSERT_SETTINGS), "defaults": {"max_partitions_per_insert_block": 0}}
-    for _ in range(4):
-        for name, settings in variants.items():
+    variants = {"writer": REQUESTS_INSERT_SETTINGS, "defaults": {"max_partitions_per_insert_block": 0}}
+    raw_elapsed = dict.fromkeys(variants, 0.0)
+    raw_rows = dict.fromkeys(variants, 0)
+    for round_ in range(1, 5):
+        for name, base in variants.items():
             started = time.perf_counter()
-            inserted = 0
-            while inserted < total // 4:
-                client.raw_insert("llm_usage.requests", None, payload, fmt="JSONEachRow", settings=settings)
-                inserted += len(rows)
+            while raw_rows[name] < round_ * total // 4:
+                client.raw_insert("llm_usage.requests", None, payload, fmt="JSONEachRow", settings=settings(base))
+                raw_rows[name] += len(rows)
             raw_elapsed[name] += time.perf_counter() - started
-            raw_rows[name] += inserted
+    written = stored() - before
     client.close()
+    expected = inserted + sum(raw_rows.values())
+    assert written == expected, f"the ceiling inserted {expected:,} rows but {written:,} were stored"
     return {"insert_rows_per_s": native,
             "raw_jsoneachrow_rows_per_s": raw_rows["writer"] / raw_elapsed["writer"],
             "raw_defaults_rows_per_s": raw_rows["defaults"] / raw_elapsed["defaults"]}
