@@ -281,7 +281,7 @@ def test_a_writer_whose_spool_is_closed_stops_instead_of_spinning(make_app):
     assert client_post_ok(app)
     flush(app)
     rt.spool.close()
-    rt.writer._thread.join(timeout=5)  # it may be waiting out max_age_s first
+    rt.writer._thread.join(timeout=10)  # it may be waiting out max_age_s first
     assert not rt.writer.alive, "the writer thread kept running on a closed spool"
 
 
