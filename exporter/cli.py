@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any
 
@@ -212,20 +212,22 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         log.info("the store is empty: writing demo traffic")
         write_demo(rt.store, 50_000, 8.0, 42)
     server = create_server(app, host=config.host, port=config.port, threads=config.threads, clear_untrusted_proxy_headers=True)
-    stopping: list[int] = []
+    stop_signals: list[int] = []
 
-    def _stop(signum: int, _frame: Any) -> None:
-        stopping.append(signum)
+    def _request_stop(signum: int, _frame: Any) -> None:
+        # Only note the request and wake the loop. An exception raised from here lands wherever
+        # the main thread happens to be, and inside a waitress channel handler waitress catches
+        # it, closes that one connection and keeps serving.
+        stop_signals.append(signum)
         rt.draining = True
-        raise _Stop()
+        wake = getattr(server, "pull_trigger", None)
+        if wake is not None:
+            wake()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
     log.info("serving on http://%s:%s (store %s)", config.host, server.effective_port, rt.store.target.display)
-    try:
-        server.run()
-    except _Stop:
-        pass
+    _serve_until(server, lambda: bool(stop_signals))
     log.info("stopping: finishing in-flight requests and flushing the buffer")
     server.close()
     server.task_dispatcher.shutdown(cancel_pending=False, timeout=min(5.0, config.shutdown_grace_s))
@@ -235,8 +237,14 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-class _Stop(Exception):
-    pass
+def _serve_until(server: Any, stop_requested: Callable[[], bool]) -> None:
+    """waitress's ``server.run()``, one poll at a time, so that a stop request ends it."""
+    # A server on several sockets keeps its socket map in ``map``; a one-socket server is an
+    # asyncore dispatcher, whose map is ``_map``.
+    socket_map = getattr(server, "map", None) or server._map
+    while socket_map and not stop_requested():
+        server.asyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=socket_map,
+                             use_poll=server.adj.asyncore_use_poll, count=1)
 
 
 def cmd_sql(config: Config, args: argparse.Namespace) -> int:

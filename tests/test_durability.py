@@ -7,6 +7,7 @@ exporter's own read-only SQL endpoint after a restart.
 from __future__ import annotations
 
 import random
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -134,3 +135,34 @@ def test_sigterm_stops_accepting_flushes_and_exits_zero(tmp_path, exporter_proce
     stored = _stored_markers(restarted)
     assert ledger.acked <= set(stored)
     assert len(stored) == len(set(stored))
+
+
+def _stream_endless_header(port: int, stop: threading.Event) -> None:
+    # A request whose header never ends: every chunk that arrives runs waitress's parser on the
+    # main thread, which is where a stop signal used to land and be swallowed.
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"POST /v1/requests HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Filler: ")
+                while not stop.is_set():
+                    sock.sendall(b"a" * 512)
+        except OSError:
+            time.sleep(0.01)  # waitress answered 431 and closed, or the server is gone
+
+
+def test_sigterm_stops_the_server_while_its_main_loop_is_busy(tmp_path, exporter_process):
+    proc = exporter_process(data_dir=tmp_path / "data", config_file=_config(tmp_path, {"shutdown_grace_s": 5}))
+    stop = threading.Event()
+    streams = [threading.Thread(target=_stream_endless_header, args=(proc.port, stop)) for _ in range(6)]
+    for thread in streams:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        started = time.monotonic()
+        assert proc.terminate(timeout=30) == 0
+        assert time.monotonic() - started < 15
+    finally:
+        stop.set()
+        for thread in streams:
+            thread.join(timeout=10)
+    assert "stopping: finishing in-flight requests" in proc.log()
