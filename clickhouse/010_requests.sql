@@ -1,7 +1,11 @@
 -- One row per gateway request the exporter accepted. Columns carry the record's field names.
 -- ORDER BY (org, token_name, timestamp): the dashboards filter by org, then token, then time.
--- non_replicated_deduplication_window lets a replayed spool batch (same insert_deduplication_token)
--- be dropped instead of counted twice; see docs/durability.md.
+-- ingest_batch names the exporter batch (its de-duplication token) that stored each row, so a
+-- batch whose insert was interrupted can be looked up here before it is sent again. requests keeps
+-- no de-duplication window of its own: ClickHouse logs a token before it commits the part, so a
+-- crash in between would make it refuse the retry of a batch it never stored. The views' target
+-- tables keep theirs, and drop the blocks of a retried batch that already reached them; see
+-- docs/durability.md.
 CREATE TABLE IF NOT EXISTS ${database}.requests
 (
     timestamp        DateTime64(3, 'UTC')           COMMENT 'When the gateway received the request (UTC, millisecond precision)',
@@ -22,13 +26,15 @@ CREATE TABLE IF NOT EXISTS ${database}.requests
     user_id          String                         COMMENT 'End-user id sent by the API caller (any string)',
     request_id       String                         COMMENT 'Gateway request id; a record repeated with the same id is stored once',
     ingested_at      DateTime64(3, 'UTC') DEFAULT now64(3) COMMENT 'When the exporter wrote the row',
+    ingest_batch     String DEFAULT getSetting('insert_deduplication_token')
+                                                    COMMENT 'Exporter batch that stored the row (its de-duplication token); empty for rows written without one',
     failed           UInt8 ALIAS status_code >= 400 COMMENT '1 when status_code >= 400 (the dashboards'' "failed")',
-    total_tokens     UInt64 ALIAS input_tokens + output_tokens COMMENT 'input_tokens + output_tokens'
+    total_tokens     UInt64 ALIAS input_tokens + output_tokens COMMENT 'input_tokens + output_tokens',
+    INDEX ingest_batch_idx ingest_batch TYPE bloom_filter GRANULARITY 1
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(timestamp)
 ORDER BY (org, token_name, timestamp)
 ${retention_ttl}
-SETTINGS non_replicated_deduplication_window = 10000
 COMMENT 'One row per LLM gateway request: who (org, token, user), what (model, endpoint), outcome (status, latency, tokens)';
 

@@ -3,7 +3,8 @@
 CREATE TABLE IF NOT EXISTS ${database}.request_ids
 (
     request_id String COMMENT 'Gateway request id already stored in requests',
-    timestamp  DateTime64(3, 'UTC') COMMENT 'Timestamp of the stored record'
+    timestamp  DateTime64(3, 'UTC') COMMENT 'Timestamp of the stored record',
+    ingest_batch String COMMENT 'Exporter batch that stored it (requests.ingest_batch)'
 )
 ENGINE = ReplacingMergeTree
 ORDER BY request_id
@@ -12,4 +13,4 @@ SETTINGS non_replicated_deduplication_window = 10000
 COMMENT 'Index of request ids present in requests (used for de-duplication)';
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${database}.request_ids_mv TO ${database}.request_ids
-AS SELECT request_id, timestamp FROM ${database}.requests WHERE request_id != '';
+AS SELECT request_id, timestamp, ingest_batch FROM ${database}.requests WHERE request_id != '';

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import clickhouse_connect
+import msgspec
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
@@ -166,6 +167,19 @@ REQUESTS_INSERT_SETTINGS: Mapping[str, Any] = {
 }
 
 
+
+class _Timestamp(msgspec.Struct):
+    timestamp: str = ""
+
+
+_timestamp_decoder = msgspec.json.Decoder(_Timestamp)
+
+
+def partition_of(line: bytes) -> str:
+    """The ``requests`` partition (``PARTITION BY toYYYYMM(timestamp)``) of one JSONEachRow line."""
+    stamp = _timestamp_decoder.decode(line).timestamp  # 'YYYY-MM-DD hh:mm:ss.mmm', as records encode it
+    return stamp[0:4] + stamp[5:7]
+
 class Store:
     """The store: a writer client, a reader client, and (lazily) a read-only ad-hoc SQL client."""
 
@@ -259,9 +273,24 @@ class Store:
         log.info("model catalog holds %d models", len(names))
 
     def insert_rows(self, payload: bytes, dedup_token: str, fmt: str = "JSONEachRow",
-                    column_names: Sequence[str] | None = None) -> None:
-        """Insert rows (``JSONEachRow`` lines, or ``fmt`` in ``column_names`` order) into ``requests``;
-        a repeated token is dropped by ClickHouse, in the rollups too."""
+                    column_names: Sequence[str] | None = None, retry: bool = False) -> None:
+        """Insert rows (``JSONEachRow`` lines, or ``fmt`` in ``column_names`` order) into ``requests``.
+
+        The token names the batch: it is stored with every row (``ingest_batch``) and lets the
+        views' tables drop blocks they already hold. ``retry`` says an earlier attempt with this
+        token may have landed (it failed, or the process died during it): the partitions of
+        ``requests`` that already hold the batch are then left out, since ``requests`` itself
+        keeps no de-duplication window (see clickhouse/010_requests.sql).
+        """
+        if retry:
+            landed = self.batch_partitions(dedup_token)
+            if landed:
+                if fmt != "JSONEachRow":
+                    raise ValueError("only JSONEachRow batches can be resumed partition by partition")
+                payload = b"".join(line for line in payload.splitlines(keepends=True) if partition_of(line) not in landed)
+                log.warning("batch %s was already stored in partitions %s; sending the rest", dedup_token, sorted(landed))
+                if not payload:
+                    return
         self.writer.raw_insert(
             f"{self.database}.{REQUESTS_TABLE}",
             list(column_names) if column_names else None,
@@ -270,17 +299,44 @@ class Store:
             settings={"insert_deduplication_token": dedup_token, **REQUESTS_INSERT_SETTINGS},
         )
 
+    def batch_partitions(self, dedup_token: str) -> set[str]:
+        """The partitions of ``requests`` that hold rows of the batch ``dedup_token``."""
+        result = self.writer.query(
+            f"SELECT DISTINCT _partition_id FROM {self.database}.{REQUESTS_TABLE} WHERE ingest_batch = {{batch:String}}",
+            parameters={"batch": dedup_token},
+        )
+        return {row[0] for row in result.result_rows}
+
     def existing_request_ids(self, request_ids: Sequence[str]) -> set[str]:
+        """The ids among ``request_ids`` that ``requests`` holds.
+
+        ``request_ids`` is filled by a view, which may have received a batch whose own insert
+        into ``requests`` was cut by a crash; an id counts only when its batch is in ``requests``.
+        """
         if not request_ids:
             return set()
         result = self.writer.query(
-            f"SELECT DISTINCT request_id FROM {self.database}.{REQUEST_IDS_TABLE} "
+            f"SELECT request_id, ingest_batch, toUnixTimestamp64Milli(min(timestamp)), toUnixTimestamp64Milli(max(timestamp)) "
+            f"FROM {self.database}.{REQUEST_IDS_TABLE} "
             # A subquery over arrayJoin, not a literal IN-list: chDB plans a 50,000-id literal
             # list slowly (seconds to a minute), the subquery in a fraction of a second.
-            "WHERE request_id IN (SELECT arrayJoin({ids:Array(String)}))",
+            "WHERE request_id IN (SELECT arrayJoin({ids:Array(String)})) GROUP BY request_id, ingest_batch",
             parameters={"ids": list(request_ids)},
         )
-        return {row[0] for row in result.result_rows}
+        found = result.result_rows
+        named = [row for row in found if row[1]]
+        confirmed: set[str] = set()
+        if named:
+            # Few batches, and the rows' time range prunes requests to a partition or two.
+            confirmed = {row[0] for row in self.writer.query(
+                f"SELECT DISTINCT ingest_batch FROM {self.database}.{REQUESTS_TABLE} "
+                "WHERE ingest_batch IN {batches:Array(String)} "
+                "AND timestamp BETWEEN fromUnixTimestamp64Milli({first:Int64}) AND fromUnixTimestamp64Milli({last:Int64})",
+                parameters={"batches": sorted({row[1] for row in named}),
+                            "first": min(row[2] for row in named), "last": max(row[3] for row in named)},
+            ).result_rows}
+        # Rows stored without a batch name (older rows, other writers) cannot be checked: trusted.
+        return {rid for rid, batch, _, _ in found if not batch or batch in confirmed}
 
     def query(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
         return self.reader.query(sql, parameters=dict(parameters or {})).result_rows

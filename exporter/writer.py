@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class BatchSink(Protocol):
-    def insert_rows(self, payload: bytes, dedup_token: str) -> None: ...
+    def insert_rows(self, payload: bytes, dedup_token: str, *, retry: bool = False) -> None: ...
 
     def existing_request_ids(self, request_ids: Sequence[str]) -> set[str]: ...
 
@@ -89,6 +89,7 @@ class Writer:
         self._random = random.Random()
         # One batch at a time, whoever sends it: the thread, or drain() at shutdown or in tests.
         self._send_lock = threading.Lock()
+        self._attempted: set[str] = set()  # tokens sent in this process and not yet committed
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="usage-exporter-writer", daemon=True)
@@ -111,13 +112,18 @@ class Writer:
 
     def _send(self, batch: Batch) -> int:
         payload, duplicates = drop_duplicates(batch.payload, self.sink.existing_request_ids)
+        # A batch sent before (a failed attempt here, or in flight when the last process died)
+        # may be stored already, in whole or in part.
+        retry = not batch.fresh or batch.token in self._attempted
+        self._attempted.add(batch.token)
         started = time.perf_counter()
         try:
             if payload:
-                self.sink.insert_rows(payload, batch.token)
+                self.sink.insert_rows(payload, batch.token, retry=retry)
         finally:
             self.metrics.insert_duration.observe(time.perf_counter() - started)
         self.spool.commit(batch)
+        self._attempted.discard(batch.token)
         stored = batch.rows - duplicates
         self.metrics.flushes.labels("success").inc()
         self.metrics.flushed_records.inc(stored)

@@ -30,13 +30,13 @@ class FlakySink:
         self.mode = "ok"
         self.attempts: list[float] = []
 
-    def insert_rows(self, payload: bytes, dedup_token: str) -> None:
+    def insert_rows(self, payload: bytes, dedup_token: str, retry: bool = False) -> None:
         self.attempts.append(time.monotonic())
         if self.mode == "refuse":
             raise OperationalError("Error HTTPConnectionPool: [Errno 111] Connection refused (injected)")
         if self.mode == "server_error":
             raise DatabaseError("HTTPDriver received ClickHouse error code 242: Table is in readonly mode (injected)")
-        self.store.insert_rows(payload, dedup_token)
+        self.store.insert_rows(payload, dedup_token, retry=retry)
         if self.mode == "timeout_after_commit":
             self.mode = "ok"
             raise OperationalError("Error HTTPConnectionPool: Read timed out (injected, after the server committed)")
@@ -236,7 +236,7 @@ class RendezvousSink:
         self.second = threading.Event()
         self.lock = threading.Lock()
 
-    def insert_rows(self, payload: bytes, dedup_token: str) -> None:
+    def insert_rows(self, payload: bytes, dedup_token: str, retry: bool = False) -> None:
         with self.lock:
             self.calls += 1
             first = self.calls == 1
@@ -245,7 +245,7 @@ class RendezvousSink:
             self.second.wait(1.0)
         else:
             self.second.set()
-        self.store.insert_rows(payload, dedup_token)
+        self.store.insert_rows(payload, dedup_token, retry=retry)
 
     def existing_request_ids(self, request_ids):
         return self.store.existing_request_ids(request_ids)

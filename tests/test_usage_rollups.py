@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import msgspec
+
 from exporter import usage
 from exporter.app import runtime
-from exporter.records import encode_rows
 from exporter.demo import generate
+from exporter.records import encode_rows
+from exporter.writer import drop_duplicates
 
 from .test_usage import CATALOG, NOW_S, build_dataset, direct, expected, ingest, record_ms, unique
 
@@ -72,13 +75,37 @@ def test_replayed_batch_counts_once_in_requests_and_every_rollup(make_app):
     rows = list(generate(500, 1, seed=4, now=NOW_S))
     payload = encode_rows(rows)
     store.insert_rows(payload, "batch-1")
-    store.insert_rows(payload, "batch-1")  # the spool replays a batch whose answer was lost
+    store.insert_rows(payload, "batch-1", retry=True)  # the spool replays a batch whose answer was lost
     store.insert_rows(encode_rows(rows[:100]), "batch-2")  # a different batch: stored
     assert store.query("SELECT count() FROM requests") == [(600,)]
     for table in ROLLUPS:
         assert store.query(f"SELECT sum(requests), sum(input_tokens) FROM {table}") == [
             (600, sum(r.input_tokens for r in rows) + sum(r.input_tokens for r in rows[:100]))
         ], table
+
+
+def test_a_batch_the_views_kept_but_requests_lost_is_stored_again_and_counted_once(make_app):
+    # A crash inside an insert can leave the views' tables holding a batch that requests never
+    # committed. Its retry must reach requests (not be dropped as a duplicate, by token or by
+    # request_id) while the views' tables, which hold it already, drop it.
+    app = make_app()
+    store = runtime(app).store
+    rows = [msgspec.structs.replace(row, request_id=f"lost-{i}" if i % 2 else "")
+            for i, row in enumerate(generate(400, 1, seed=5, now=NOW_S))]
+    payload = encode_rows(rows)
+    store.insert_rows(payload, "batch-lost")
+    store.writer.command("DELETE FROM requests WHERE ingest_batch = 'batch-lost'")  # what the crash took
+    assert store.query("SELECT count() FROM requests") == [(0,)]
+    assert store.query("SELECT count() FROM request_ids") == [(200,)]
+
+    kept, duplicates = drop_duplicates(payload, store.existing_request_ids)
+    assert duplicates == 0, "request ids of a batch that is not in requests were taken for duplicates"
+    store.insert_rows(kept, "batch-lost", retry=True)
+    store.insert_rows(kept, "batch-lost", retry=True)  # and once more: now it is there
+    assert store.query("SELECT count(), uniqExact(ingest_batch) FROM requests") == [(400, 1)]
+    for table in ROLLUPS:
+        assert store.query(f"SELECT sum(requests) FROM {table}") == [(400,)], table
+    assert drop_duplicates(payload, store.existing_request_ids)[1] == 200
 
 
 def test_rows_stored_before_the_rollups_existed_are_backfilled_once(make_app):
