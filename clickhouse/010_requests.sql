@@ -38,3 +38,14 @@ ORDER BY (org, token_name, timestamp)
 ${retention_ttl}
 COMMENT 'One row per LLM gateway request: who (org, token, user), what (model, endpoint), outcome (status, latency, tokens)';
 
+
+-- A database created before ingest_batch existed gets it here (no-ops on a newer one). Its older
+-- rows keep an empty ingest_batch and are trusted as stored.
+ALTER TABLE ${database}.requests
+    ADD COLUMN IF NOT EXISTS ingest_batch String DEFAULT getSetting('insert_deduplication_token')
+        COMMENT 'Exporter batch that stored the row (its de-duplication token); empty for rows written without one'
+        AFTER ingested_at;
+
+ALTER TABLE ${database}.requests ADD INDEX IF NOT EXISTS ingest_batch_idx ingest_batch TYPE bloom_filter GRANULARITY 1;
+
+ALTER TABLE ${database}.requests MODIFY SETTING non_replicated_deduplication_window = 0;

@@ -12,5 +12,13 @@ ${retention_ttl}
 SETTINGS non_replicated_deduplication_window = 10000
 COMMENT 'Index of request ids present in requests (used for de-duplication)';
 
+-- A database created before ingest_batch existed: the column, and the view's query (no-ops on a
+-- newer one).
+ALTER TABLE ${database}.request_ids
+    ADD COLUMN IF NOT EXISTS ingest_batch String COMMENT 'Exporter batch that stored it (requests.ingest_batch)';
+
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${database}.request_ids_mv TO ${database}.request_ids
 AS SELECT request_id, timestamp, ingest_batch FROM ${database}.requests WHERE request_id != '';
+
+ALTER TABLE ${database}.request_ids_mv
+    MODIFY QUERY SELECT request_id, timestamp, ingest_batch FROM ${database}.requests WHERE request_id != '';

@@ -158,3 +158,30 @@ def test_schema_doc_example_queries_run_and_agree_with_the_api(make_app):
     # The first example sums whole hours of the rollup: it counts what requests holds for those hours.
     [(from_raw,)] = store.query("SELECT count() FROM requests WHERE timestamp >= toStartOfHour(now() - INTERVAL 7 DAY)")
     assert sum(row[1] for row in per_org) == from_raw
+
+
+def test_migrate_brings_a_database_from_before_ingest_batch_up_to_date(make_app):
+    app = make_app()
+    store = runtime(app).store
+    # The schema as it was before requests.ingest_batch.
+    store.writer.command("ALTER TABLE request_ids_mv MODIFY QUERY SELECT request_id, timestamp FROM requests WHERE request_id != ''")
+    store.writer.command("ALTER TABLE request_ids DROP COLUMN ingest_batch")
+    store.writer.command("ALTER TABLE requests DROP INDEX ingest_batch_idx")
+    store.writer.command("ALTER TABLE requests DROP COLUMN ingest_batch")
+    store.writer.command("ALTER TABLE requests MODIFY SETTING non_replicated_deduplication_window = 10000")
+    old_rows = list(generate(50, 1, seed=6, now=NOW_S))
+    store.insert_rows(encode_rows(old_rows), "before-upgrade")
+
+    store.migrate()
+    store.migrate()  # and again: nothing left to do
+    create = str(store.writer.command("SHOW CREATE TABLE requests"))
+    assert "ingest_batch" in create and "ingest_batch_idx" in create and "non_replicated_deduplication_window = 0" in create
+    assert "ingest_batch" in str(store.writer.command("SHOW CREATE TABLE request_ids_mv"))
+    rows = list(generate(30, 1, seed=7, now=NOW_S))
+    store.insert_rows(encode_rows(rows), "after-upgrade")
+    store.insert_rows(encode_rows(rows), "after-upgrade", retry=True)
+    assert store.query("SELECT ingest_batch, count() FROM requests GROUP BY ingest_batch ORDER BY ingest_batch") == [
+        ("", 50), ("after-upgrade", 30)]
+    assert store.query("SELECT DISTINCT ingest_batch FROM request_ids WHERE ingest_batch != ''") == [("after-upgrade",)]
+    # Ids stored before the upgrade carry no batch and are trusted as stored.
+    assert store.existing_request_ids([r.request_id for r in old_rows]) == {r.request_id for r in old_rows}
