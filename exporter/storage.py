@@ -167,7 +167,6 @@ REQUESTS_INSERT_SETTINGS: Mapping[str, Any] = {
 }
 
 
-
 class _Timestamp(msgspec.Struct):
     timestamp: str = ""
 
@@ -179,6 +178,7 @@ def partition_of(line: bytes) -> str:
     """The ``requests`` partition (``PARTITION BY toYYYYMM(timestamp)``) of one JSONEachRow line."""
     stamp = _timestamp_decoder.decode(line).timestamp  # 'YYYY-MM-DD hh:mm:ss.mmm', as records encode it
     return stamp[0:4] + stamp[5:7]
+
 
 class Store:
     """The store: a writer client, a reader client, and (lazily) a read-only ad-hoc SQL client."""
@@ -316,27 +316,24 @@ class Store:
         if not request_ids:
             return set()
         result = self.writer.query(
-            f"SELECT request_id, ingest_batch, toUnixTimestamp64Milli(min(timestamp)), toUnixTimestamp64Milli(max(timestamp)) "
-            f"FROM {self.database}.{REQUEST_IDS_TABLE} "
+            f"SELECT DISTINCT request_id, ingest_batch, toString(toYYYYMM(timestamp)) FROM {self.database}.{REQUEST_IDS_TABLE} "
             # A subquery over arrayJoin, not a literal IN-list: chDB plans a 50,000-id literal
             # list slowly (seconds to a minute), the subquery in a fraction of a second.
-            "WHERE request_id IN (SELECT arrayJoin({ids:Array(String)})) GROUP BY request_id, ingest_batch",
+            "WHERE request_id IN (SELECT arrayJoin({ids:Array(String)}))",
             parameters={"ids": list(request_ids)},
         )
         found = result.result_rows
-        named = [row for row in found if row[1]]
-        confirmed: set[str] = set()
+        named = [(batch, partition) for _, batch, partition in found if batch]
+        confirmed: set[tuple[str, str]] = set()
         if named:
-            # Few batches, and the rows' time range prunes requests to a partition or two.
-            confirmed = {row[0] for row in self.writer.query(
-                f"SELECT DISTINCT ingest_batch FROM {self.database}.{REQUESTS_TABLE} "
-                "WHERE ingest_batch IN {batches:Array(String)} "
-                "AND timestamp BETWEEN fromUnixTimestamp64Milli({first:Int64}) AND fromUnixTimestamp64Milli({last:Int64})",
-                parameters={"batches": sorted({row[1] for row in named}),
-                            "first": min(row[2] for row in named), "last": max(row[3] for row in named)},
-            ).result_rows}
-        # Rows stored without a batch name (older rows, other writers) cannot be checked: trusted.
-        return {rid for rid, batch, _, _ in found if not batch or batch in confirmed}
+            # Per batch and partition: a crash between the parts of a multi-month batch leaves some.
+            confirmed = set(self.writer.query(
+                f"SELECT DISTINCT ingest_batch, _partition_id FROM {self.database}.{REQUESTS_TABLE} "
+                "WHERE ingest_batch IN {batches:Array(String)} AND _partition_id IN {partitions:Array(String)}",
+                parameters={"batches": sorted({b for b, _ in named}), "partitions": sorted({p for _, p in named})},
+            ).result_rows)
+        # Ids stored without a batch name (older rows, other writers) cannot be checked: trusted.
+        return {rid for rid, batch, partition in found if not batch or (batch, partition) in confirmed}
 
     def query(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
         return self.reader.query(sql, parameters=dict(parameters or {})).result_rows

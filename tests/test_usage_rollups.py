@@ -185,3 +185,21 @@ def test_migrate_brings_a_database_from_before_ingest_batch_up_to_date(make_app)
     assert store.query("SELECT DISTINCT ingest_batch FROM request_ids WHERE ingest_batch != ''") == [("after-upgrade",)]
     # Ids stored before the upgrade carry no batch and are trusted as stored.
     assert store.existing_request_ids([r.request_id for r in old_rows]) == {r.request_id for r in old_rows}
+
+
+def test_a_batch_across_two_months_that_requests_kept_one_of_is_completed(make_app):
+    # A batch spanning two months is one part per month; a crash between them keeps one.
+    app = make_app()
+    store = runtime(app).store
+    rows = [msgspec.structs.replace(row, request_id=f"split-{i}", timestamp=("2026-10-31 23:59:59.000" if i < 60 else "2026-11-01 00:00:01.000"))
+            for i, row in enumerate(generate(100, 1, seed=8, now=NOW_S))]
+    payload = encode_rows(rows)
+    store.insert_rows(payload, "batch-split")
+    store.writer.command("DELETE FROM requests WHERE ingest_batch = 'batch-split' AND toYYYYMM(timestamp) = 202611")
+    assert store.batch_partitions("batch-split") == {"202610"}
+
+    kept, duplicates = drop_duplicates(payload, store.existing_request_ids)
+    assert duplicates == 60, "only the ids of the month that requests holds are duplicates"
+    store.insert_rows(kept, "batch-split", retry=True)
+    assert store.query("SELECT toYYYYMM(timestamp), count(), uniqExact(request_id) FROM requests GROUP BY 1 ORDER BY 1") == [
+        (202610, 60, 60), (202611, 40, 40)]
