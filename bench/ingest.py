@@ -157,8 +157,8 @@ def ceiling(data_dir: Path, records: list[dict], total: int) -> dict:
         values[0] = datetime.strptime(values[0], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc)
     payload = encode_rows(rows)
     # Every block carries its own de-duplication token, as the writer's batches do: the same rows
-    # inserted again without one would be dropped as a repeated block (the table keeps a
-    # de-duplication window), and the ceiling would time inserts that write nothing.
+    # inserted again without one would be dropped as a repeated block by the views' tables (they
+    # keep a de-duplication window), and the ceiling would time inserts that feed no rollup.
     blocks = itertools.count()
 
     def settings(base: Mapping[str, object]) -> dict:
