@@ -54,8 +54,6 @@ class Batch:
     payload: bytes
     rows: int
     token: str
-    # False for the batch in flight when the last process stopped: it may be in ClickHouse already.
-    fresh: bool = True
 
 
 def _segment_name(number: int) -> str:
@@ -186,7 +184,7 @@ class Spool:
         flight = data.get("in_flight")
         if flight:
             start, end = Position(*flight["start"]), Position(*flight["end"])
-            return committed, Batch(start, end, b"", flight.get("rows", 0), flight["token"], fresh=False)
+            return committed, Batch(start, end, b"", flight.get("rows", 0), flight["token"])
         return committed, None
 
     def _segments(self) -> list[int]:
@@ -334,8 +332,7 @@ class Spool:
             if not self.in_flight.payload:
                 parts = [body for _, body, _ in self._frames(self.in_flight.start, self.in_flight.end)]
                 payload = b"".join(parts)
-                self.in_flight = Batch(self.in_flight.start, self.in_flight.end, payload, payload.count(b"\n"), self.in_flight.token,
-                                       fresh=self.in_flight.fresh)
+                self.in_flight = Batch(self.in_flight.start, self.in_flight.end, payload, payload.count(b"\n"), self.in_flight.token)
             return self.in_flight
         with self._lock:
             stop = self._synced_position if self.fsync_enabled else Position(self._segment, self._offset)

@@ -89,7 +89,9 @@ class Writer:
         self._random = random.Random()
         # One batch at a time, whoever sends it: the thread, or drain() at shutdown or in tests.
         self._send_lock = threading.Lock()
-        self._attempted: set[str] = set()  # tokens sent in this process and not yet committed
+        # Tokens of batches that may be in ClickHouse already, in whole or in part: sent and not yet
+        # committed, or in flight when the last process stopped.
+        self._attempted: set[str] = {spool.in_flight.token} if spool.in_flight is not None else set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="usage-exporter-writer", daemon=True)
@@ -112,9 +114,7 @@ class Writer:
 
     def _send(self, batch: Batch) -> int:
         payload, duplicates = drop_duplicates(batch.payload, self.sink.existing_request_ids)
-        # A batch sent before (a failed attempt here, or in flight when the last process died)
-        # may be stored already, in whole or in part.
-        retry = not batch.fresh or batch.token in self._attempted
+        retry = batch.token in self._attempted
         self._attempted.add(batch.token)
         started = time.perf_counter()
         try:
